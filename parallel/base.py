@@ -1,0 +1,150 @@
+"""The Strategy interface: how a model and its optimizer are placed, stepped and saved.
+
+The training loop only talks to a Strategy, so every method (SFT, DPO, GRPO, KD) gets every
+parallelism option without a branch in the loop. ``build_strategy(cfg)`` picks the implementation
+from ``parallel.strategy``; sharded strategies live beside this file.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+class Strategy:
+    """Single process, one device. Subclasses override what sharding changes."""
+
+    name = "single"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        from trainer.config import resolve_device
+
+        kind = resolve_device(cfg)
+        self.device = torch.device(f"cuda:{self.local_rank}" if kind == "cuda" else "cpu")
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Initialise process groups (no-op for one process)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def teardown(self) -> None:
+        pass
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # --- model and optimizer ---------------------------------------------------------------
+    def wrap(self, model: torch.nn.Module, make_optimizer: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Apply the strategy's passes to ``model`` and build its optimizer over trainable params."""
+        model.to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, make_optimizer(params)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The PEFT/HF module inside any wrapper (for saving, generation, engine sync)."""
+        return getattr(model, "module", model)
+
+    def no_sync(self, model: torch.nn.Module, is_last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Skip gradient communication on all but the last micro-batch of an accumulation window."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return float(norm)
+
+    def optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # --- collectives -------------------------------------------------------------------------
+    def all_reduce_sum(self, value: torch.Tensor | float) -> torch.Tensor:
+        return torch.as_tensor(value, dtype=torch.float64)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_state(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Optimizer (and, for sharded strategies, model) state needed for an exact resume."""
+        if self.is_main:
+            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load_state(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=False))
+
+    def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:
+        """A consolidated HF export: PEFT adapter dir for LoRA runs, full safetensors otherwise."""
+        if self.is_main:
+            self.unwrap(model).save_pretrained(directory, safe_serialization=True)
+
+    def load_model_weights(self, model: torch.nn.Module, directory: Path) -> None:
+        """Restore trainable weights saved by ``save_pretrained`` (used on resume)."""
+        load_trainable_weights(self.unwrap(model), directory)
+
+
+def load_trainable_weights(model: torch.nn.Module, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {directory}")
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        state = {}
+        for f in files:
+            state.update(load_file(f))
+        result = set_peft_model_state_dict(model, state)
+        bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+        if bad:
+            raise RuntimeError(f"adapter weights in {directory} do not fit the model: {bad[:3]}")
+        return
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weights in {directory} do not fit the model: missing={missing[:3]} unexpected={unexpected[:3]}")
+
+
+_REGISTRY: dict[str, str] = {
+    "single": "parallel.base:Strategy",
+    "ddp": "parallel.ddp:DDPStrategy",
+    "fsdp2": "parallel.fsdp2:FSDP2Strategy",
+    "zero1": "parallel.zero:ZeroStrategy",
+    "zero2": "parallel.zero:ZeroStrategy",
+    "zero3": "parallel.zero:ZeroStrategy",
+}
+
+
+def build_strategy(cfg) -> Strategy:
+    import importlib
+
+    module, cls = _REGISTRY[cfg.parallel.strategy].split(":")
+    strategy = getattr(importlib.import_module(module), cls)(cfg)
+    return strategy
+
+
+def iter_trainable(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
