@@ -1,0 +1,89 @@
+"""Activation checkpointing as a pass over the decoder layers (``train.activation_checkpointing``).
+
+Modes:
+    none       keep every activation (fastest, most memory)
+    full       every decoder layer keeps only its input; the rest is recomputed in backward
+    selective  every ``train.ac_every_k``-th layer is checkpointed, the others keep activations
+    offload    activations are kept but moved to host memory (``save_on_cpu``) during the forward
+
+The pass replaces each layer's bound ``forward`` rather than wrapping the module, so parameter
+names, ``state_dict`` keys and PEFT adapter names are untouched (exports and resumes need no key
+remapping). It must run *before* ``fully_shard``: FSDP2 unshards a layer in its pre-backward hook,
+so the recompute (which calls the plain forward, not ``__call__``) sees full parameters.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+AC_MODES = ("none", "full", "selective", "offload")
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of any HF causal LM (plain, PEFT-wrapped or compiled).
+
+    The blocks are the children of the largest ``ModuleList`` whose entries share one class; that
+    holds for every HF decoder-only architecture and needs no per-model attribute paths.
+    """
+    best: list[torch.nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
+            kinds = Counter(type(m) for m in module)
+            if len(kinds) == 1:
+                best = list(module)
+    if not best:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: no ModuleList of identical blocks")
+    return best
+
+
+def checkpointed_layer_indices(num_layers: int, mode: str, every_k: int) -> list[int]:
+    """Which layers recompute their activations: all for ``full``, every k-th for ``selective``."""
+    if mode == "full":
+        return list(range(num_layers))
+    if mode == "selective":
+        return [i for i in range(num_layers) if i % every_k == every_k - 1]
+    return []
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, cfg) -> list[int]:
+    """Apply ``cfg.train.activation_checkpointing`` to ``model`` in place; returns the affected layer indices."""
+    mode, every_k = cfg.train.activation_checkpointing, cfg.train.ac_every_k
+    if mode not in AC_MODES:
+        raise ValueError(f"train.activation_checkpointing={mode!r}; choose one of {AC_MODES}")
+    if mode == "none":
+        return []
+    layers = decoder_layers(model)
+    if mode == "offload":
+        # pinned host buffers make the device->host copies asynchronous; pinning needs a GPU
+        pin = torch.cuda.is_available()
+        for layer in layers:
+            _replace_forward(layer, functools.partial(_offloaded_forward, pin_memory=pin))
+        return list(range(len(layers)))
+    chosen = checkpointed_layer_indices(len(layers), mode, every_k)
+    for i in chosen:
+        _replace_forward(layers[i], _checkpointed_forward)
+    return chosen
+
+
+def _replace_forward(layer: torch.nn.Module, wrapper) -> None:
+    if getattr(layer, "_crucible_ac", False):  # idempotent: a second pass must not nest checkpoints
+        return
+    original = layer.forward
+    layer.forward = functools.partial(wrapper, original)
+    layer._crucible_ac = True
+
+
+def _checkpointed_forward(original, *args, **kwargs):
+    # use_reentrant=False: works when no input requires grad (frozen LoRA base, first layer),
+    # supports keyword arguments, and composes with FSDP2 and torch.compile.
+    if not torch.is_grad_enabled():
+        return original(*args, **kwargs)
+    return checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+
+def _offloaded_forward(original, *args, pin_memory: bool, **kwargs):
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+        return original(*args, **kwargs)

@@ -1,0 +1,249 @@
+"""Peak memory per rank, estimated from the config alone (``dry_run=true``).
+
+The estimate is a sum of named rows (weights, gradients, optimizer states, transient gathered
+weights, activations, logits), each a closed formula of the model shape and the config, and it
+states the assumptions it makes. For full fine-tuning with BF16 mixed precision the model-state
+rows reduce to the ZeRO paper's numbers per parameter Ψ on N ranks:
+
+    ddp / single  16Ψ          (our scheme: fp32 params + fp32 grads + Adam; plus 2Ψ autocast copies)
+    zero1         (2 + 2 + 12/N)Ψ
+    zero2         (2 + 14/N)Ψ
+    zero3, fsdp2  16Ψ/N        (+ the layers gathered for the current forward/backward)
+
+On CPU (fp32 everywhere) DeepSpeed keeps no separate master copy: (4 + 4 + 8/N)Ψ, (4 + 12/N)Ψ, 16Ψ/N.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GiB = 1024**3
+
+_NF4_BLOCK = 64  # bitsandbytes 4-bit block size: one absmax per 64 weights
+_DQ_BLOCK = 256  # double quant: absmax quantized to 8 bit in blocks of 256, one fp32 scale each
+
+
+@dataclass
+class MemoryEstimate:
+    rows: list[tuple[str, float]]  # (what, bytes per rank)
+    total: float  # bytes per rank at peak
+    assumptions: list[str] = field(default_factory=list)
+    title: str = "estimated peak memory per rank"
+
+    def format_table(self) -> str:
+        """Plain-text table (logs, tests)."""
+        width = max(len(name) for name, _ in self.rows + [("total", 0)])
+        lines = [self.title]
+        lines += [f"  {name:<{width}}  {b / GiB:9.3f} GiB" for name, b in self.rows]
+        lines.append(f"  {'total':<{width}}  {self.total / GiB:9.3f} GiB")
+        lines += ["assumptions:"] + [f"  - {a}" for a in self.assumptions]
+        return "\n".join(lines)
+
+    def rich_table(self):
+        """A rich renderable: the rows as a table, then the assumptions as a list."""
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=self.title)
+        table.add_column("component")
+        table.add_column("GiB", justify="right")
+        table.add_column("share", justify="right")
+        for name, b in self.rows:
+            table.add_row(name, f"{b / GiB:.3f}", f"{100 * b / self.total:.0f}%" if self.total else "-")
+        table.add_row("[bold]total", f"[bold]{self.total / GiB:.3f}", "100%", end_section=True)
+        return Group(table, Text("\n".join(f"- {a}" for a in self.assumptions), style="dim"))
+
+
+@dataclass
+class ModelShape:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_hf(cls, c) -> "ModelShape":
+        heads = c.num_attention_heads
+        return cls(
+            vocab=c.vocab_size, hidden=c.hidden_size, layers=c.num_hidden_layers, heads=heads,
+            kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            intermediate=c.intermediate_size, tied=bool(getattr(c, "tie_word_embeddings", False)),
+            qkv_bias=bool(getattr(c, "attention_bias", False)) or getattr(c, "model_type", "") == "qwen2",
+        )
+
+    def layer_linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear in one decoder layer."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.layer_linears().values())
+
+    @property
+    def layer_other_params(self) -> int:  # two RMSNorms (+ q/k/v biases)
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return 2 * self.hidden + bias
+
+    @property
+    def layer_params(self) -> int:
+        return self.layer_linear_params + self.layer_other_params
+
+    @property
+    def root_params(self) -> int:
+        """Parameters outside the decoder layers: embeddings, final norm, untied LM head."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    @property
+    def total_params(self) -> int:
+        return self.layers * self.layer_params + self.root_params
+
+    def lora_params(self, rank: int, targets: list[str]) -> int:
+        return self.layers * sum(rank * (i + o) for name, (i, o) in self.layer_linears().items() if name in targets)
+
+    def activation_bytes_per_token(self, mixed: bool, lora: bool) -> float:
+        """Bytes autograd saves per token in one decoder layer (SDPA attention, SwiGLU MLP).
+
+        Fitted to the HF Llama graph by counting the storages autograd saves (tests check it):
+        fp32: 11h + 2kv + 4i values (norm inputs/outputs, q/k/v before and after RoPE, attention
+        output, residual; the MLP's gate, up, silu(gate) and product). Under bf16 autocast the
+        RMSNorms still save four fp32 h-vectors; the rest (9h + 2kv + 4.5i) is bf16. LoRA adds a
+        rank-r intermediate per adapted linear: small, counted as 5% of h.
+        """
+        h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        extra = 0.05 * h if lora else 0.0
+        if mixed:
+            return 4 * 4 * h + 2 * (9 * h + 2 * kv + 4.5 * i + extra)
+        return 4 * (11 * h + 2 * kv + 4 * i + extra)
+
+
+def _sharding(strategy: str) -> tuple[bool, bool, bool]:
+    """(weights, gradients, optimizer states) sharded over ranks?"""
+    return {
+        "single": (False, False, False), "ddp": (False, False, False),
+        "zero1": (False, False, True), "zero2": (False, True, True),
+        "zero3": (True, True, True), "fsdp2": (True, True, True),
+    }[strategy]
+
+
+def estimate_memory(cfg, hf_config, world_size: int = 1) -> MemoryEstimate:
+    """Peak bytes per rank for training ``cfg`` on a model shaped like ``hf_config`` over ``world_size`` ranks."""
+    from trainer.config import resolve_device
+
+    shape = ModelShape.from_hf(hf_config)
+    strategy = cfg.parallel.strategy
+    n = max(1, world_size) if strategy != "single" else 1
+    on_gpu = resolve_device(cfg) == "cuda"
+    mixed = on_gpu and cfg.precision in ("bf16", "fp8")
+    deepspeed = strategy.startswith("zero")
+    act_bytes = 2 if mixed else 4
+    shard_w, shard_g, shard_o = _sharding(strategy)
+    per = lambda sharded: 1 / n if sharded else 1.0  # noqa: E731
+    eight_bit = "8bit" in cfg.train.optimizer
+    adam_bytes = 2 if eight_bit else 8  # m and v: fp32 each, or one byte each (+ block scales, ignored)
+    rows: list[tuple[str, float]] = []
+    notes = [f"{shape.total_params / 1e6:.1f}M parameters, {shape.layers} layers, {n} rank(s), strategy={strategy}"]
+
+    lora = cfg.lora.enabled
+    qlora = lora and cfg.quant.load_in_4bit
+    psi = shape.total_params
+    if lora:
+        trainable = shape.lora_params(cfg.lora.rank, cfg.lora.target_modules)
+        linear = shape.layers * shape.layer_linear_params
+        frozen_other = psi - linear
+        base_bytes = 2 if mixed else 4  # trainer.models.param_dtype: frozen base in bf16 on GPU
+        if qlora:
+            absmax = (1 / _NF4_BLOCK + 4 / (_NF4_BLOCK * _DQ_BLOCK)) if cfg.quant.double_quant else 4 / _NF4_BLOCK
+            base = linear * (0.5 + absmax) + frozen_other * 4
+            notes.append(f"NF4 base: 0.5 B/param + {absmax:.4f} B/param block constants; embeddings/norms/head in fp32 "
+                         "(PEFT's prepare_model_for_kbit_training upcasts them)")
+        else:
+            base = psi * base_bytes
+        rows.append(("frozen base weights" + (" (sharded)" if shard_w else ""), base * per(shard_w)))
+        notes.append(f"LoRA r={cfg.lora.rank} on {len(cfg.lora.target_modules)} modules: {trainable / 1e6:.2f}M trainable")
+    else:
+        trainable = psi
+
+    # Trainable weights, gradients and optimizer states (the ZeRO table).
+    if deepspeed and mixed:
+        rows += [("trainable weights (bf16)", 2 * trainable * per(shard_w)),
+                 ("gradients (bf16)", 2 * trainable * per(shard_g)),
+                 ("optimizer: fp32 master + Adam", (4 + adam_bytes) * trainable * per(shard_o))]
+        notes.append("DeepSpeed bf16: bf16 model and gradients, fp32 master weights inside the optimizer")
+    else:
+        rows += [("trainable weights (fp32)", 4 * trainable * per(shard_w)),
+                 ("gradients (fp32)", 4 * trainable * per(shard_g)),
+                 ("optimizer: Adam states", adam_bytes * trainable * per(shard_o))]
+        notes.append("trainable weights, gradients and optimizer states in fp32" + (" (CPU or precision=fp32)" if not mixed else ""))
+    if eight_bit:
+        notes.append(f"train.optimizer={cfg.train.optimizer}: 2 bytes of Adam state per trainable parameter")
+    if cfg.parallel.offload == "optimizer" or (cfg.parallel.offload == "params" and not shard_w):
+        rows = [(name, 0.0) if name.startswith("optimizer") else (name, b) for name, b in rows]
+        notes.append("parallel.offload: optimizer states live in host memory (not counted)")
+    if cfg.parallel.offload == "params" and shard_w:
+        rows = [(name, 0.0) if name.startswith(("optimizer", "trainable weights", "frozen base", "gradients")) else (name, b) for name, b in rows]
+        notes.append("parallel.offload=params: sharded weights, gradients and optimizer states live in host memory")
+
+    # Transient full-size weights: gathered layers (sharded weights) or autocast's bf16 copies.
+    w_bytes = (0.5 if qlora else (2 if mixed else 4))
+    if shard_w:
+        live_layers = shape.layers if (strategy == "fsdp2" and not cfg.parallel.reshard_after_forward) else 2
+        gathered = (shape.root_params * (4 if qlora else w_bytes) + live_layers * shape.layer_params * w_bytes) * (1 - 1 / n)
+        rows.append((f"gathered weights (root + {live_layers} layers)", gathered))
+        notes.append("sharded weights: the root (embeddings, head) plus the current and prefetched layer are unsharded at once"
+                     if live_layers == 2 else "fsdp2 reshard_after_forward=false: every layer stays gathered from forward to backward")
+    elif mixed and not lora and not deepspeed:
+        rows.append(("autocast bf16 weight copies", 2 * psi))
+        notes.append("bf16 autocast caches a bf16 copy of every fp32 weight for the whole forward/backward")
+
+    # Activations.
+    mult = 2 if cfg.train.method == "dpo" else 1  # chosen + rejected in one micro-batch
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_len * mult
+    full_layer = shape.activation_bytes_per_token(mixed, lora) * tokens
+    boundary = shape.hidden * tokens * act_bytes  # a checkpointed layer keeps only its input
+    mode = cfg.train.activation_checkpointing
+    from parallel.activation import checkpointed_layer_indices
+
+    if mode == "offload":
+        act = full_layer  # one layer in flight on the device, the rest in host memory
+        notes.append(f"activation offload: {shape.layers * full_layer / GiB:.2f} GiB of activations in host memory")
+    else:
+        k = len(checkpointed_layer_indices(shape.layers, mode, cfg.train.ac_every_k))
+        act = (shape.layers - k) * full_layer + k * boundary + (full_layer if k else 0)  # + one recomputed layer
+    rows.append((f"activations ({mode}, {tokens} tokens/micro-batch)", act))
+    notes.append(f"activations in {'bf16' if act_bytes == 2 else 'fp32'}; SDPA uses a fused kernel (no T x T matrix kept)")
+
+    chunk = cfg.train.loss_chunk_size
+    logit_tokens = min(chunk, tokens) if chunk > 0 else tokens
+    rows.append((f"logits + loss ({logit_tokens} tokens at once)", logit_tokens * shape.vocab * (act_bytes + 8)))
+    notes.append("logits in the compute dtype plus an fp32 upcast and its log-softmax" + (f", {chunk} tokens per loss chunk" if chunk > 0 else ""))
+
+    if cfg.train.method == "dpo" and not lora:
+        rows.append(("reference model (frozen)", psi * (2 if mixed else 4) * per(shard_w)))
+    if cfg.train.method in ("grpo", "distill"):
+        notes.append(f"train.method={cfg.train.method}: rollout engine KV cache / teacher model are not included")
+    notes.append("allocator fragmentation and the CUDA context (~0.5 GiB) are not included")
+    total = sum(b for _, b in rows)
+    return MemoryEstimate(rows=rows, total=total, assumptions=notes)
+
+
+def estimate_for_config(cfg, world_size: int | None = None) -> MemoryEstimate:
+    """``estimate_memory`` with the model's HF config resolved from ``cfg.model`` (no weights loaded)."""
+    import os
+
+    from trainer.models import model_config
+
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    return estimate_memory(cfg, model_config(cfg.model), world_size)
+
+
+def bytes_to_gib(b: float) -> float:
+    return b / GiB if math.isfinite(b) else b
