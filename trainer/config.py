@@ -94,6 +94,7 @@ class DataConfig:
     text_field: str = "text"
     chat_field: str = "messages"
     template_check: bool = True
+    stop_token: str | None = None  # the end-of-turn token chat masks must train; default: the tokenizer's eos_token
     num_workers: int = 0
 
     def check(self, cfg: "Config") -> None:
