@@ -3,19 +3,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.config import ConfigError
+
 
 @dataclass
 class EngineConfig:
-    block_size: int = 16
-    num_blocks: int = 512  # CPU KV budget
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    block_size: int = 16  # tokens per KV block (also the prefix-cache granularity)
+    num_blocks: int = 512  # CPU KV budget in blocks; on GPU the budget comes from gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use (weights + activations + KV)
+    max_num_seqs: int = 64  # sequences per step
+    max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    dtype: str = "auto"
+    enable_chunked_prefill: bool = True  # split long prompts across steps, mixed with decodes
+    enforce_eager: bool = False  # GPU: skip CUDA-graph capture of decode steps
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)
+    attention_backend: str = "auto"  # auto (triton on GPU, torch on CPU) | torch | triton
+    adapter: str | None = None  # eval: PEFT adapter dir merged into the base weights at load time
+    seed: int = 0  # seeds requests that set no seed of their own
 
     def check(self, cfg) -> None:
-        pass
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"engine.{name} must be > 0 (got {getattr(self, name)})")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"engine.dtype={self.dtype!r} is not allowed; choose one of: auto, fp32, bf16, fp16")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"engine.attention_backend={self.attention_backend!r} is not allowed; choose one of: auto, torch, triton")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"engine.max_model_len must be > 0 (got {self.max_model_len})")
 
 
 @dataclass

@@ -1,0 +1,91 @@
+"""The model's building blocks, written to match HF numerics exactly in fp32 (RoPE, RMSNorm in fp32)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.context import get_context
+
+
+class Linear(nn.Module):
+    """Every projection of the model. A fused projection (qkv, gate/up) lists its parts in
+    ``output_sizes`` so loaders can write each HF weight into its slice. ``adapter`` is the hook for
+    batched multi-LoRA serving: a callable ``(x, y, adapter_ids) -> y + delta`` reading the per-token
+    adapter index from the step context."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, output_sizes: list[int] | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.output_sizes = output_sizes or [out_features]
+        assert sum(self.output_sizes) == out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.adapter = None
+
+    def shard(self, tensor: torch.Tensor, part: int) -> torch.Tensor:
+        """The rows of ``tensor`` (this layer's weight or bias) that hold fused part ``part``."""
+        start = sum(self.output_sizes[:part])
+        return tensor.narrow(0, start, self.output_sizes[part])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.adapter is not None:
+            y = self.adapter(x, y, get_context().adapter_ids)
+        return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # HF order of operations: normalize in fp32, cast back, then scale.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies, computed exactly as transformers does (default and llama3 scaling)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind != "llama3":
+        raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
+        super().__init__()
+        freqs = torch.arange(max_positions).float()[:, None] * rope_inv_freq(head_dim, theta, scaling)[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # fp32 table, like HF's per-call computation
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)

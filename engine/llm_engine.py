@@ -1,0 +1,213 @@
+"""The engine core: requests in, one scheduled forward + sampling per ``step()``, outputs out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import count
+
+import torch
+
+from engine.config import EngineConfig
+from engine.loader import load_named_tensors
+from engine.model import ModelArgs
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampler import sample, top_logprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":  # exact fp32 on CPU (bf16 matmuls are slow there), bf16 on GPU
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; choose one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model: str, dtype: str | torch.dtype = "auto", tokenizer: str | None = None,
+                 device: str | None = None, **engine_options):
+        from transformers import AutoTokenizer
+
+        from trainer.models import resolve_model_path
+
+        self.config = EngineConfig(**engine_options)
+        self.config.check(None)
+        path = resolve_model_path(model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = resolve_dtype(dtype, self.device)
+        args = ModelArgs.from_hf_dir(path)
+        self.max_model_len = self.config.max_model_len or args.max_position_embeddings
+        if args.sliding_window:  # no sliding-window attention: keep every sequence inside the window
+            self.max_model_len = min(self.max_model_len, args.sliding_window)
+        self.runner = ModelRunner(path, self.config, self.dtype, self.device, self.max_model_len)
+        self.scheduler = Scheduler(self.config, self.runner.num_blocks)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or path)
+        self.eos_token_ids = sorted(set(args.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None}))
+        self.vocab_size = args.vocab_size
+        self.requests: dict[str, Request] = {}
+        self.generator = torch.Generator(self.device).manual_seed(self.config.seed)
+        self._ids = count()
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    adapter_id: int = 0) -> str:
+        """Queue a request; a prompt that can never run raises ValueError naming the problem."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(ids)
+        seqs = [Sequence(request_id, i, ids, params, None if params.seed is None else params.seed + i,
+                         self.config.block_size, adapter_id) for i in range(params.n)]
+        seqs[0].forks = seqs[1:]  # siblings start once the first has the prompt in cache
+        self.requests[request_id] = Request(request_id, text, ids, seqs)
+        self.scheduler.add(seqs[0])
+        return request_id
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        c = self.config
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len={self.max_model_len} leaves no room to generate")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size})")
+        if -(-(len(ids) + 1) // c.block_size) > self.runner.num_blocks:
+            raise ValueError(f"prompt has {len(ids)} tokens but the KV cache holds only {self.runner.num_blocks * c.block_size}")
+        if not c.enable_chunked_prefill and len(ids) > c.max_num_batched_tokens:
+            raise ValueError(f"prompt has {len(ids)} tokens > max_num_batched_tokens={c.max_num_batched_tokens} "
+                             "and chunked prefill is off")
+
+    def abort(self, request_id: str) -> None:
+        for seq in self.requests.pop(request_id).seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---------------------------------------------------------------- the step
+    def step(self) -> list[str]:
+        """Run one scheduled forward; returns the ids of requests that changed."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            raise RuntimeError("the scheduler could not schedule any sequence (KV cache too small for the waiting prompt)")
+        hidden = self.runner.forward(batch)
+        sample_seqs, sample_rows, prompt_jobs = [], [], []
+        row = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            if seq.wants_prompt_logprobs:
+                end = min(start + n, seq.num_prompt_tokens - 1)  # logits at p score prompt token p + 1
+                if start == 0:
+                    seq.partial_prompt_logprobs = []
+                if end > start:
+                    prompt_jobs.append((seq, row, start, end))
+            if start + n == len(seq):
+                sample_seqs.append(seq)
+                sample_rows.append(row + n - 1)
+            row += n
+        self.scheduler.advance(batch)
+        for job in prompt_jobs:
+            self._prompt_logprobs(hidden, *job)
+        for seq in batch.seqs:
+            if seq.wants_prompt_logprobs and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                seq.prompt_logprobs = [None] + seq.partial_prompt_logprobs
+        if sample_seqs:
+            self._sample(hidden, sample_seqs, sample_rows)
+        return sorted({s.request_id for s in batch.seqs})
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, seq: Sequence, row: int, start: int, end: int) -> None:
+        logprobs = self.runner.logits(hidden, list(range(row, row + end - start))).log_softmax(-1)
+        targets = torch.tensor(seq.token_ids[start + 1:end + 1], device=logprobs.device)
+        seq.partial_prompt_logprobs += top_logprobs(logprobs, targets, seq.params.prompt_logprobs)
+
+    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+        logits = self.runner.logits(hidden, rows)
+        want = [s.params.logprobs is not None for s in seqs]
+        raw = logits.log_softmax(-1) if any(want) else None  # before the sampler edits logits in place
+        tokens = sample(logits, seqs, self.eos_token_ids, self.generator)
+        if raw is not None:
+            n_top = max(s.params.logprobs or 0 for s in seqs)
+            entries = top_logprobs(raw, torch.tensor(tokens, device=raw.device), n_top)
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if seq.forks and seq.num_output_tokens == 0:
+                for child in seq.forks:
+                    child.prompt_logprobs = seq.prompt_logprobs
+                    self.scheduler.fork(seq, child)
+                seq.forks = []
+            seq.token_ids.append(token)
+            if want[i]:
+                entry = dict(list(entries[i].items())[:1 + seq.params.logprobs])
+                seq.output_logprobs.append(entry)
+                seq.cumulative_logprob += entry[token]
+            self._check_stop(seq, token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return self.scheduler.finish(seq, "stop", token)
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return self.scheduler.finish(seq, "stop")
+            if p.stop:
+                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+                hits = [(text.find(s), s) for s in p.stop if s in text]
+                if hits:
+                    at, stop = min(hits)
+                    seq.text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                    return self.scheduler.finish(seq, "stop", stop)
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    # ---------------------------------------------------------------- outputs
+    def output(self, request_id: str) -> RequestOutput:
+        """The request's current state; a finished request is forgotten once read."""
+        req = self.requests[request_id]
+        outputs = []
+        for seq in req.seqs:
+            text = seq.text if seq.stop_reason in seq.params.stop else self.tokenizer.decode(
+                seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+            outputs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            ))
+        if req.finished:
+            del self.requests[request_id]
+        return RequestOutput(request_id, req.prompt, list(req.prompt_token_ids), outputs,
+                             req.seqs[0].prompt_logprobs, req.finished)
+
+    def stats(self) -> dict[str, float]:
+        return self.scheduler.stats()
+
+    # ---------------------------------------------------------------- training hooks
+    def update_weights(self, named_tensors) -> int:
+        """Copy trainer tensors (HF or PEFT-merged names) into the model in place; returns how many."""
+        if self.has_unfinished():
+            raise RuntimeError("update_weights needs an idle engine: finish or abort the running requests first")
+        items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
+        written = load_named_tensors(self.runner.model, items)
+        self.scheduler.block_manager.reset_prefix_cache()  # cached KV came from the old weights
+        return len(written)

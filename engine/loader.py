@@ -1,0 +1,126 @@
+"""HF checkpoints -> our modules: safetensors files, trainer tensors (``update_weights``), PEFT adapters.
+
+One name map serves all three: HF names (``model.layers.0.self_attn.q_proj.weight``), with the
+wrappers training adds (``base_model.model.``, ``.base_layer``, ``_orig_mod.``, ``module.``) peeled
+off, are routed into the fused ``qkv_proj`` / ``gate_up_proj`` slices.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from engine.model import CausalLM
+
+# HF projection -> (our fused module, which part)
+PACKED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+_WRAPPERS = re.compile(r"^(?:_orig_mod\.|module\.|_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.)+|(?<=\.)(?:_orig_mod\.|_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.)")
+
+
+def canonical_name(name: str) -> str:
+    """Peel training wrappers off a parameter name, leaving the plain HF name."""
+    name = _WRAPPERS.sub("", name)
+    if name.startswith("base_model.model."):  # PEFT
+        name = name[len("base_model.model."):]
+    return name.replace(".base_layer.", ".")
+
+
+def _route(model: CausalLM, name: str) -> tuple[torch.Tensor, str]:
+    """The destination tensor (or slice of a fused one) for HF parameter ``name``, and our name for it."""
+    hf_name = canonical_name(name)
+    if ".lora_" in hf_name or "lora_magnitude" in hf_name:
+        raise ValueError(f"{name}: unmerged LoRA weights cannot be loaded; merge the adapter first (peft merge_and_unload)")
+    *prefix, module, leaf = hf_name.split(".")
+    if module in PACKED:
+        fused, part = PACKED[module]
+        ours = ".".join(prefix + [fused, leaf])
+        layer = model.get_submodule(".".join(prefix + [fused]))
+        return layer.shard(getattr(layer, leaf), part), ours
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if hf_name not in params:
+        raise ValueError(f"{name}: no such parameter in this {model.args.model_type} model")
+    return params[hf_name], hf_name
+
+
+@torch.no_grad()
+def load_named_tensors(model: CausalLM, named: Iterable[tuple[str, torch.Tensor]], add: bool = False) -> set[str]:
+    """Copy (or, with ``add``, accumulate) tensors into the model in place; returns the HF names written."""
+    written = set()
+    for name, tensor in named:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        dest, _ = _route(model, name)
+        if dest.shape != tensor.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(dest.shape)}")
+        src = tensor.to(device=dest.device, dtype=dest.dtype)
+        dest.add_(src) if add else dest.copy_(src)
+        written.add(canonical_name(name))
+    return written
+
+
+def _safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no .safetensors files (the engine loads safetensors checkpoints)")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_checkpoint(model: CausalLM, path: str | Path) -> None:
+    """Load every weight of an HF safetensors directory; a missing weight is an error, not random init."""
+    args = model.args
+    items = ((n, t) for n, t in _safetensors_items(Path(path)) if not (args.tie_word_embeddings and n == "lm_head.weight"))
+    written = load_named_tensors(model, items)
+    expected = {hf for hf in _hf_names(model)}
+    missing = sorted(expected - written)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def _hf_names(model: CausalLM) -> Iterator[str]:
+    """The HF parameter names the model needs (fused params expanded back into their parts)."""
+    unpacked: dict[str, list[str]] = {}
+    for hf, (fused, _) in PACKED.items():
+        unpacked.setdefault(fused, []).append(hf)
+    for name, _ in model.named_parameters():
+        *prefix, module, leaf = name.split(".")
+        for part in unpacked.get(module, [module]):
+            yield ".".join(prefix + [part, leaf])
+
+
+@torch.no_grad()
+def merge_lora_adapter(model: CausalLM, adapter_dir: str | Path) -> None:
+    """Add a PEFT LoRA adapter's ``scale * B @ A`` into the base weights (for evaluation)."""
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    config = json.loads(config_file.read_text())
+    if config.get("use_dora"):
+        raise ValueError(f"{adapter_dir}: DoRA adapters cannot be merged by the engine; export a merged checkpoint instead")
+    if config.get("modules_to_save"):
+        raise ValueError(f"{adapter_dir}: adapters with modules_to_save are not supported; export a merged checkpoint instead")
+    rank, alpha = config["r"], config.get("lora_alpha", config["r"])
+    scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+    tensors = dict(_safetensors_items(adapter_dir))
+    deltas = []
+    for name, a in tensors.items():
+        if ".lora_A." not in name:
+            continue
+        b = tensors[name.replace(".lora_A.", ".lora_B.")]
+        base_name = name.replace(".lora_A.default", "").replace(".lora_A", "")
+        delta = (b.float() @ a.float()) * scale
+        deltas.append((base_name, delta))
+    if not deltas:
+        raise ValueError(f"{adapter_dir}: the adapter holds no lora_A/lora_B weights")
+    load_named_tensors(model, deltas, add=True)

@@ -1,0 +1,168 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2 with qkv bias, Qwen3 with q/k norm), our own code.
+
+Module names mirror HF's (``model.layers.N.self_attn...``) except the fused ``qkv_proj`` and
+``gate_up_proj``, so the loader's name map is small. ``forward`` takes the flattened new tokens of
+every scheduled sequence; the paged attention context says which sequence each belongs to.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import PagedAttention
+from engine.layers import Linear, RMSNorm, RotaryEmbedding
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    eos_token_ids: list[int]
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        c = json.loads((path / "config.json").read_text())
+        kind = c.get("model_type")
+        if kind not in SUPPORTED:
+            raise ValueError(f"{path}: model_type {kind!r} is not supported by the engine (supported: {', '.join(SUPPORTED)})")
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: hidden_act {c.get('hidden_act')!r} is not supported (silu only)")
+        # transformers 5 writes rope_parameters; older checkpoints have rope_theta + rope_scaling
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{path}: partial rotary embeddings are not supported")
+        heads = c["num_attention_heads"]
+        bias = bool(c.get("attention_bias", False))
+        uses_window = c.get("sliding_window") and c.get("use_sliding_window", kind == "mistral")
+        eos = c.get("eos_token_id")
+        gen = path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+        return cls(
+            model_type=kind,
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None,
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=kind == "qwen2" or bias,
+            o_bias=bias and kind != "qwen2",
+            mlp_bias=bool(c.get("mlp_bias", False)),
+            qk_norm=kind == "qwen3",
+            sliding_window=c["sliding_window"] if uses_window else None,
+            eos_token_ids=[e for e in (eos if isinstance(eos, list) else [eos]) if e is not None],
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.qkv_proj = Linear(a.hidden_size, self.q_size + 2 * self.kv_size, a.qkv_bias, [self.q_size, self.kv_size, self.kv_size])
+        self.o_proj = Linear(self.q_size, a.hidden_size, a.o_bias)
+        self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
+        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
+        self.attn = PagedAttention(a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3 normalizes each head before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        return self.o_proj(self.attn(q, k, v).flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_up_proj = Linear(a.hidden_size, 2 * a.intermediate_size, a.mlp_bias, [a.intermediate_size] * 2)
+        self.down_proj = Linear(a.intermediate_size, a.hidden_size, a.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(a)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = MLP(a)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, rope)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, a: ModelArgs, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, positions, self.rotary_emb)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, a: ModelArgs, max_positions: int | None = None):
+        super().__init__()
+        self.args = a
+        self.model = Decoder(a, max_positions or a.max_position_embeddings)
+        self.lm_head = Linear(a.hidden_size, a.vocab_size)
+        if a.tie_word_embeddings:  # one storage: an update through either name changes both
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] of the new tokens (logits are taken only where needed)."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]

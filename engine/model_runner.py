@@ -1,0 +1,175 @@
+"""Owns the model and the KV cache on one device: builds step inputs, runs the forward, returns logits.
+
+The KV cache is one tensor ``[2, layers, blocks, block_size, kv_heads, head_dim]``; each attention
+layer gets its views. On CPU its size is ``engine.num_blocks``; on GPU it takes what
+``gpu_memory_utilization`` leaves after the weights and a full-budget warm-up step. Decode steps on
+GPU replay CUDA graphs captured for batch-size buckets (padded with slot -1 / context length 0).
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.config import EngineConfig
+from engine.context import Context, set_context
+from engine.loader import load_checkpoint, merge_lora_adapter
+from engine.model import CausalLM, ModelArgs
+from engine.scheduler import Batch
+
+
+class ModelRunner:
+    def __init__(self, model_path: str, config: EngineConfig, dtype: torch.dtype, device: torch.device, max_model_len: int):
+        self.config, self.dtype, self.device, self.max_model_len = config, dtype, device, max_model_len
+        self.block_size = config.block_size
+        self.args = ModelArgs.from_hf_dir(model_path)
+        backend = config.attention_backend
+        self.backend = ("triton" if device.type == "cuda" else "torch") if backend == "auto" else backend
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                self.model = CausalLM(self.args, max_positions=max_model_len)
+        finally:
+            torch.set_default_dtype(previous)
+        load_checkpoint(self.model, model_path)
+        if config.adapter:
+            merge_lora_adapter(self.model, config.adapter)
+        self.model.eval()
+        self.num_blocks = config.num_blocks if device.type != "cuda" else self._gpu_num_blocks()
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self._allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.type == "cuda" and not config.enforce_eager and self.backend == "triton":
+            self._capture_decode_graphs()
+
+    # ---------------------------------------------------------------- KV cache
+    def _block_bytes(self) -> int:
+        a = self.args
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    @torch.inference_mode()
+    def _gpu_num_blocks(self) -> int:
+        """Blocks that fit in ``gpu_memory_utilization`` after the peak of a full-budget warm-up step."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._allocate_kv_cache(num_blocks=1)
+        n_tokens = self.config.max_num_batched_tokens
+        seq_len = min(self.max_model_len, n_tokens)
+        lens = [seq_len] * (n_tokens // seq_len) + ([n_tokens % seq_len] if n_tokens % seq_len else [])
+        ids = torch.zeros(n_tokens, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        # every block table entry points at the one scratch block: right memory footprint, values unused
+        ctx = self._context([-1] * n_tokens, [[0] * -(-n // self.block_size) for n in lens], lens, lens, is_decode=False)
+        set_context(ctx)
+        hidden = self.model(ids, positions)
+        set_context(None)
+        rows = min(self.config.max_num_seqs, n_tokens)
+        self.model.compute_logits(hidden[:rows]).softmax(-1)  # the sampler's working set
+        del hidden
+        free, total = torch.cuda.mem_get_info()
+        used_elsewhere = total - free - torch.cuda.memory_allocated()
+        budget = total * self.config.gpu_memory_utilization - used_elsewhere - torch.cuda.max_memory_allocated()
+        num_blocks = int(budget // self._block_bytes())
+        if num_blocks <= 0:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache at engine.gpu_memory_utilization={self.config.gpu_memory_utilization}; "
+                "raise it or lower engine.max_num_batched_tokens"
+            )
+        return num_blocks
+
+    def _allocate_kv_cache(self, num_blocks: int | None = None) -> None:
+        a = self.args
+        n = num_blocks or self.num_blocks
+        self.kv_cache = None  # release the old one first
+        self.kv_cache = torch.zeros(2, a.num_layers, n, self.block_size, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    # ---------------------------------------------------------------- step inputs
+    def _context(self, slots: list[int], block_tables: list[list[int]], seqlens_q: list[int], context_lens: list[int],
+                 is_decode: bool) -> Context:
+        dev = self.device
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        cu = torch.zeros(len(seqlens_q) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(seqlens_q).cumsum(0)
+        return Context(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            block_tables=tables.to(dev, non_blocking=True),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            cu_seqlens_q=cu.to(dev, non_blocking=True),
+            max_seqlen_q=max(seqlens_q),
+            is_decode=is_decode,
+            backend=self.backend,
+            seqlens_q=seqlens_q,
+            context_lens_list=context_lens,
+        )
+
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Context]:
+        bs = self.block_size
+        ids, positions, slots, seqlens_q, context_lens = [], [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            seqlens_q.append(n)
+            context_lens.append(end)
+        ctx = self._context(slots, [s.block_table for s in batch.seqs], seqlens_q, context_lens, batch.is_decode)
+        return (torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
+                torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True), ctx)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Hidden states of every new token of the batch, [num_tokens, hidden]."""
+        ids, positions, ctx = self.prepare(batch)
+        if ctx.is_decode and self.graphs and len(batch) <= self.graph_buckets[-1]:
+            return self._replay(ids, positions, ctx)
+        set_context(ctx)
+        try:
+            return self.model(ids, positions)
+        finally:
+            set_context(None)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+
+    # ---------------------------------------------------------------- CUDA graphs
+    @torch.inference_mode()
+    def _capture_decode_graphs(self) -> None:
+        max_bs = min(self.config.max_num_seqs, 512)
+        self.graph_buckets = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs] if b <= max_bs})
+        dev = self.device
+        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        self.g_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_out = torch.zeros(max_bs, self.args.hidden_size, dtype=self.dtype, device=dev)
+        pool = None
+        for b in reversed(self.graph_buckets):  # largest first: smaller graphs reuse its memory pool
+            ctx = Context(self.g_slots[:b], self.g_tables[:b], self.g_lens[:b], torch.arange(b + 1, dtype=torch.int32, device=dev),
+                          1, True, self.backend)
+            set_context(ctx)
+            self.g_out[:b] = self.model(self.g_ids[:b], self.g_pos[:b])  # warm-up (Triton autotune/compile)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                self.g_out[:b] = self.model(self.g_ids[:b], self.g_pos[:b])
+            pool = graph.pool() if pool is None else pool
+            self.graphs[b] = graph
+            set_context(None)
+        torch.cuda.synchronize()
+
+    def _replay(self, ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
+        n = ids.numel()
+        bucket = next(b for b in self.graph_buckets if b >= n)
+        self.g_ids[:n] = ids
+        self.g_pos[:n] = positions
+        self.g_slots.fill_(-1)
+        self.g_slots[:n] = ctx.slot_mapping
+        self.g_lens.zero_()
+        self.g_lens[:n] = ctx.context_lens
+        self.g_tables[:n, :ctx.block_tables.shape[1]] = ctx.block_tables
+        self.graphs[bucket].replay()
+        return self.g_out[:n]
