@@ -4,11 +4,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import typing
 
 import pytest
 from rich.console import Console
 
-from trainer.config import ConfigError, load_config
+from trainer.config import Config, ConfigError, DataConfig, TrainConfig, coerce
 from trainer.data import IGNORE, TemplateError, build_examples, check_chat_template, load_examples
 from trainer.data.sources import load_rows
 
@@ -28,8 +29,14 @@ def tok(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def cfg_for(source, *overrides, seq_len=256):
-    return load_config([f"data.source={source}", f"train.seq_len={seq_len}", "data.val_fraction=0", *overrides])
+def cfg_for(source, *overrides, seq_len=256, seed=0) -> Config:
+    """A Config with ``data.*`` overrides, built directly (no other package's config section is imported)."""
+    data, hints = DataConfig(source=source, val_fraction=0.0), typing.get_type_hints(DataConfig)
+    for override in overrides:
+        key, value = override.split("=", 1)
+        name = key.removeprefix("data.")
+        setattr(data, name, coerce(key, value, hints[name]))
+    return Config(data=data, train=TrainConfig(seq_len=seq_len), seed=seed)
 
 
 def write_jsonl(path, rows):
@@ -236,7 +243,7 @@ def test_builtin_chat_set_is_deterministic_multi_turn_and_correct(tok):
 
 
 def test_validation_split_is_deterministic_and_disjoint(tok):
-    cfg = load_config(["data.source=chat", "data.num_samples=40", "data.val_fraction=0.25", "seed=1"])
+    cfg = cfg_for("chat", "data.num_samples=40", "data.val_fraction=0.25", seed=1)
     (train_a, val_a), (train_b, val_b) = build_examples(cfg, tok), build_examples(cfg, tok)
     assert (len(train_a), len(val_a)) == (30, 10) and val_a == val_b and train_a == train_b
     assert not {tuple(e.input_ids) for e in val_a} & {tuple(e.input_ids) for e in train_a}
