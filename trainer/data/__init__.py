@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
@@ -42,7 +42,6 @@ class DataReport:
     val: list[Example]
     stats: EncodeStats
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
@@ -88,7 +87,7 @@ def load_examples(cfg: Config, tokenizer, console: Console | None = None) -> Dat
     fmt = native if data.format == "auto" and native else detect_format(columns, data.format, data.text_field, data.chat_field)
     if native and fmt != native:
         raise ConfigError(f"data.format={data.format} does not fit data.source={data.source}, which is {native} data")
-    if fmt == "chat" or (fmt == "prompt_completion" and any(isinstance(r.get("prompt"), list) for r in rows[:1])):
+    if fmt == "chat" or (fmt == "prompt_completion" and isinstance(rows[0].get("prompt"), list)):
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(f"{fmt} data needs a tokenizer with a chat template; {tokenizer.name_or_path!r} has none (model.tokenizer)")
     if fmt == "chat" and data.template_check:

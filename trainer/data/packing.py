@@ -149,9 +149,11 @@ class PackedLoader:
 
     @property
     def fill(self) -> float:
-        """Fraction of the ``seq_len`` slots that hold real tokens (1.0 = no padding at all)."""
-        rows = _rows(self.examples, list(range(len(self.examples))), self.seq_len, self.packing)
-        return sum(len(e) for e in self.examples) / (len(rows) * self.seq_len)
+        """Real tokens / all tokens of this rank's padded micro-batches over an epoch (1.0 = no padding)."""
+        lengths = [sum(len(self.examples[i]) for i in row) for row in self._epoch_plan(self.epoch)]
+        b = self.micro_batch_size
+        padded = sum(max(lengths[s : s + b]) * len(lengths[s : s + b]) for s in range(0, len(lengths), b))
+        return sum(lengths) / padded
 
     def _fingerprint(self) -> dict[str, Any]:
         return {"num_examples": len(self.examples), "num_tokens": sum(len(e) for e in self.examples), "seq_len": self.seq_len,
