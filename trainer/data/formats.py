@@ -231,7 +231,8 @@ class Encoder:
             except RowError as e:
                 self._bad(i, e)
                 continue
-            texts.append(full), spans.append(row_spans)
+            texts.append(full)
+            spans.append(row_spans)
         if not texts:
             return []
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)  # the template adds bos itself
@@ -241,7 +242,7 @@ class Encoder:
 
     # prompt / completion ----------------------------------------------------------------------
     def _prompt_completion(self, rows: list[dict]) -> list[Example]:
-        as_chat, plain, plain_rows = [], [], []
+        as_chat, plain = [], []
         for i, row in enumerate(rows):
             try:
                 prompt, completion = row.get("prompt"), row.get("completion")
@@ -255,7 +256,7 @@ class Encoder:
                 prompt, completion = _text(row, "prompt"), _text(row, "completion")
                 if not completion.strip():
                     raise RowError("empty completion", "'completion' is empty")
-                plain.append((prompt, completion)), plain_rows.append(i)
+                plain.append((prompt, completion))
             except RowError as e:
                 self._bad(i, e)
         examples = self._chat(as_chat) if as_chat else []
