@@ -107,6 +107,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---------------------------------------------------------------- the step
+    @torch.inference_mode()
     def step(self) -> list[str]:
         """Run one scheduled forward; returns the ids of requests that changed."""
         batch = self.scheduler.schedule()
