@@ -21,9 +21,12 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (triton on GPU, torch on CPU) | torch | triton
     adapter: str | None = None  # eval: PEFT adapter dir merged into the base weights at load time
     seed: int = 0  # seeds requests that set no seed of their own
+    enable_lora: bool = False  # serve unmerged LoRA adapters (engine/lora.py); serve turns it on when lora.adapters is set
+    max_loras: int = 4  # adapter slots resident at once (base model excluded)
+    max_lora_rank: int = 16  # largest adapter rank a slot holds; smaller ranks are zero-padded
 
     def check(self, cfg) -> None:
-        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"engine.{name} must be > 0 (got {getattr(self, name)})")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

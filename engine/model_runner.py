@@ -12,6 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.context import Context, set_context
 from engine.loader import load_checkpoint, merge_lora_adapter
+from engine.lora import LoRAManager
 from engine.model import CausalLM, ModelArgs
 from engine.scheduler import Batch
 
@@ -34,6 +35,8 @@ class ModelRunner:
         if config.adapter:
             merge_lora_adapter(self.model, config.adapter)
         self.model.eval()
+        # adapter slots exist before the KV budget is measured and before graphs capture the LoRA kernels
+        self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
         self.num_blocks = config.num_blocks if device.type != "cuda" else self._gpu_num_blocks()
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self._allocate_kv_cache()
@@ -116,6 +119,8 @@ class ModelRunner:
             seqlens_q.append(n)
             context_lens.append(end)
         ctx = self._context(slots, [s.block_table for s in batch.seqs], seqlens_q, context_lens, batch.is_decode)
+        if self.lora is not None:
+            ctx.adapter_ids = self.lora.token_slots([s.adapter_id for s in batch.seqs], batch.num_new_tokens, self.device)
         return (torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
                 torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True), ctx)
 
@@ -147,10 +152,11 @@ class ModelRunner:
         self.g_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.g_out = torch.zeros(max_bs, self.args.hidden_size, dtype=self.dtype, device=dev)
+        self.g_adapter = torch.full((max_bs,), -1, dtype=torch.long, device=dev)  # LoRA slot per token (-1 = base)
         pool = None
         for b in reversed(self.graph_buckets):  # largest first: smaller graphs reuse its memory pool
             ctx = Context(self.g_slots[:b], self.g_tables[:b], self.g_lens[:b], torch.arange(b + 1, dtype=torch.int32, device=dev),
-                          1, True, self.backend)
+                          1, True, self.backend, adapter_ids=self.g_adapter[:b] if self.lora is not None else None)
             set_context(ctx)
             self.g_out[:b] = self.model(self.g_ids[:b], self.g_pos[:b])  # warm-up (Triton autotune/compile)
             graph = torch.cuda.CUDAGraph()
@@ -171,5 +177,9 @@ class ModelRunner:
         self.g_lens.zero_()
         self.g_lens[:n] = ctx.context_lens
         self.g_tables[:n, :ctx.block_tables.shape[1]] = ctx.block_tables
+        if self.lora is not None:
+            self.g_adapter.fill_(-1)
+            if ctx.adapter_ids is not None:
+                self.g_adapter[:n] = ctx.adapter_ids
         self.graphs[bucket].replay()
         return self.g_out[:n]
