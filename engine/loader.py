@@ -31,31 +31,31 @@ def canonical_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def _route(model: CausalLM, name: str) -> tuple[torch.Tensor, str]:
-    """The destination tensor (or slice of a fused one) for HF parameter ``name``, and our name for it."""
+def _route(model: CausalLM, params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The destination tensor (or the slice of a fused one) for HF parameter ``name``."""
     hf_name = canonical_name(name)
     if ".lora_" in hf_name or "lora_magnitude" in hf_name:
         raise ValueError(f"{name}: unmerged LoRA weights cannot be loaded; merge the adapter first (peft merge_and_unload)")
     *prefix, module, leaf = hf_name.split(".")
     if module in PACKED:
         fused, part = PACKED[module]
-        ours = ".".join(prefix + [fused, leaf])
-        layer = model.get_submodule(".".join(prefix + [fused]))
-        return layer.shard(getattr(layer, leaf), part), ours
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if hf_name not in params:
-        raise ValueError(f"{name}: no such parameter in this {model.args.model_type} model")
-    return params[hf_name], hf_name
+        fused_name = ".".join(prefix + [fused, leaf])
+        if fused_name in params:
+            return model.get_submodule(".".join(prefix + [fused])).shard(params[fused_name], part)
+    elif hf_name in params:
+        return params[hf_name]
+    raise ValueError(f"{name}: no such parameter in this {model.args.model_type} model")
 
 
 @torch.no_grad()
 def load_named_tensors(model: CausalLM, named: Iterable[tuple[str, torch.Tensor]], add: bool = False) -> set[str]:
     """Copy (or, with ``add``, accumulate) tensors into the model in place; returns the HF names written."""
     written = set()
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, tensor in named:
         if name.endswith("rotary_emb.inv_freq"):
             continue
-        dest, _ = _route(model, name)
+        dest = _route(model, params, name)
         if dest.shape != tensor.shape:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(dest.shape)}")
         src = tensor.to(device=dest.device, dtype=dest.dtype)
