@@ -1,0 +1,156 @@
+"""Triton kernels: KV-cache store, paged decode attention (GQA), paged varlen prefill attention.
+
+Caches are ``[num_blocks, block_size, kv_heads, head_dim]``. Both attention kernels gather K/V
+rows through the block table (``slot = table[pos // block_size] * block_size + pos % block_size``),
+so the tile size is independent of the block size. Softmax is the online (flash) form in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_stride, v_stride,
+                     WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token)
+    offs = tl.arange(0, BLOCK)
+    mask = (offs < WIDTH) & (slot >= 0)  # slot -1: a padded CUDA-graph row
+    slot = tl.maximum(slot, 0).to(tl.int64)
+    tl.store(k_cache_ptr + slot * WIDTH + offs, tl.load(k_ptr + token * k_stride + offs, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + slot * WIDTH + offs, tl.load(v_ptr + token * v_stride + offs, mask=mask), mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, kv_heads, head_dim] with contiguous rows (views into the fused qkv output are fine)."""
+    num_tokens, width = k.shape[0], k.shape[1] * k.shape[2]
+    assert k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2] and k.stride(2) == v.stride(2) == 1
+    _store_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                    WIDTH=width, BLOCK=triton.next_power_of_2(width))
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_ptr, scale_log2,
+                   table_stride, q_stride,
+                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_g = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g  # the query heads sharing this K/V head
+    q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+    context_len = tl.load(lens_ptr + seq)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    row = NUM_KV_HEADS * HEAD_DIM
+    start = 0
+    while start < context_len:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < context_len
+        block = tl.load(tables_ptr + seq * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        slot = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        kv_offs = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
+        k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+        start += BLOCK_N
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
+    tl.store(out_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask_g[:, None])
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [num_seqs, heads, head_dim], one new token per sequence -> [num_seqs, heads, head_dim]."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _decode_kernel[(num_seqs, num_kv_heads)](
+        q, k_cache, v_cache, out, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0), q.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=64,
+    )
+    return out
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_ptr, cu_q_ptr, scale_log2,
+                    table_stride, q_stride,
+                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    context_len = tl.load(lens_ptr + seq)
+    cached = context_len - q_len  # tokens before this step's chunk
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < q_len
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * q_stride + head * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    pos_m = cached + offs_m
+    # causal: this tile sees keys up to its last query's position (none when the tile is past the chunk)
+    end = tl.where(tile * BLOCK_M < q_len, tl.minimum(context_len, cached + (tile + 1) * BLOCK_M), 0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    row = NUM_KV_HEADS * HEAD_DIM
+    start = 0
+    while start < end:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        block = tl.load(tables_ptr + seq * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        slot = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        kv_offs = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
+        k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        visible = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+        start += BLOCK_N
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * q_stride + head * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, scale: float) -> torch.Tensor:
+    """q: [T, heads, head_dim], the new tokens of every sequence (varlen) -> [T, heads, head_dim]."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    block_m = 64 if max_seqlen_q > 16 else 16
+    grid = (triton.cdiv(max_seqlen_q, block_m), context_lens.shape[0], num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q, scale * _LOG2E, block_tables.stride(0), q.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64,
+    )
+    return out
