@@ -41,8 +41,22 @@ class EngineConfig:
 
 @dataclass
 class ServeConfig:
-    max_waiting: int = 256
-    api_key: str | None = None
+    max_waiting: int = 256  # requests allowed to wait for a batch slot; beyond that new ones get 429 + Retry-After
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
+    served_model_name: str | None = None  # the base model's id in /v1/models and `model` (default: model.path)
+    drain_timeout_s: float = 30.0  # on shutdown: stop admitting, let in-flight requests finish for at most this long
+    log_requests: bool = False  # uvicorn access log
 
     def check(self, cfg) -> None:
-        pass
+        if self.max_waiting < 0:
+            raise ConfigError(f"serve.max_waiting must be >= 0 (got {self.max_waiting})")
+        if self.drain_timeout_s < 0:
+            raise ConfigError(f"serve.drain_timeout_s must be >= 0 (got {self.drain_timeout_s})")
+        if cfg is None:
+            return
+        adapters = cfg.lora.adapters
+        if len(adapters) > cfg.engine.max_loras:
+            raise ConfigError(f"lora.adapters lists {len(adapters)} adapters but engine.max_loras={cfg.engine.max_loras}; "
+                              "raise engine.max_loras")
+        if self.served_model_name is not None and self.served_model_name in adapters:
+            raise ConfigError(f"lora.adapters: adapter name {self.served_model_name!r} is serve.served_model_name (the base model)")
