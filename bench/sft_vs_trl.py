@@ -1,0 +1,297 @@
+"""SFT LoRA / QLoRA head-to-head: crucible against TRL ``SFTTrainer`` (+PEFT, +bitsandbytes, +Liger).
+
+Same model (random init of a named shape, identical weights on every side), same documents, packed
+to ``--seq-len``, same LoRA config, optimizer settings and effective batch. Each side runs in its
+own process so peak memory (``torch.cuda.max_memory_allocated``, weights included) is clean.
+Reported per side: tokens/s over the measured steps (after ``--warmup`` steps, wall time between
+optimizer steps, data loading included), peak memory, and the loss curve.
+
+    python bench/sft_vs_trl.py --shapes smollm2-135m,llama-3.2-1b --methods lora,qlora --out sft.json
+    python bench/sft_vs_trl.py --smoke                      # tiny model on CPU: checks the code paths
+
+The sides: ``ours`` (crucible's trainer, driven in-process by the worker), ``trl`` (SFTTrainer,
+packing=True with BFD + padding-free position ids, its fused LM head), ``trl_liger`` (the same with
+``use_liger_kernel=True``: Liger's RMSNorm/RoPE/SwiGLU kernels; TRL 1.16 keeps its own fused LM head
+instead of Liger's fused linear cross-entropy). Attention is SDPA on every side.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+
+SIDES = ("ours", "trl", "trl_liger")
+METHODS = ("lora", "qlora")
+TARGET_SPEEDUP = 2.0  # issue 10: >= 2.0x TRL tokens/s at <= TRL peak memory
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# --------------------------------------------------------------------------------------------
+# What a side needs to know, and what it reports
+# --------------------------------------------------------------------------------------------
+def case_spec(args, shape: str, method: str, side: str, model_dir: str, corpus_dir: Path, workdir: Path) -> dict[str, Any]:
+    name = f"{shape}-{method}-{side}"
+    return dict(
+        name=name, side=side, shape=shape, method=method, model_dir=model_dir, corpus_dir=str(corpus_dir),
+        output_dir=str(workdir / "runs" / name), result=str(common.worker_result_path(workdir, name)),
+        steps=args.steps, warmup=args.warmup, seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+        lr=args.lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, activation_checkpointing=args.activation_checkpointing,
+        seed=args.seed, profile=args.profile and side == "ours", device="cuda" if _cuda() else "cpu",
+    )
+
+
+def summarize(spec: dict[str, Any], step_times: list[float], step_tokens: list[int], losses: list[float], **extra: Any) -> dict[str, Any]:
+    """Throughput over the measured steps (warm-up excluded) + memory + the loss curve."""
+    measured = slice(spec["warmup"], None)
+    seconds, tokens = sum(step_times[measured]), sum(step_tokens[measured])
+    last = losses[-min(5, len(losses)) :]
+    return dict(
+        tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else None,
+        step_ms=round(1e3 * statistics.median(step_times[measured]), 1) if step_times[measured] else None,
+        tokens_per_step=round(statistics.mean(step_tokens)) if step_tokens else None,
+        peak_mem_gib=common.peak_memory_gib(), peak_reserved_gib=common.peak_reserved_gib(),
+        losses=[round(x, 5) for x in losses], final_loss=round(statistics.mean(last), 5) if last else None,
+        loss_noise=round(statistics.pstdev(last), 5) if len(last) > 1 else 0.0, **extra,
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def read_corpus(corpus_dir: str) -> list[str]:
+    # the same sorted file order crucible's text:<dir> source reads
+    return [p.read_text(encoding="utf-8") for p in sorted(Path(corpus_dir).glob("*.txt"))]
+
+
+# --------------------------------------------------------------------------------------------
+# TRL side
+# --------------------------------------------------------------------------------------------
+def run_trl(spec: dict[str, Any], liger: bool) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    on_gpu = spec["device"] == "cuda"
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    load: dict[str, Any] = dict(dtype=torch.bfloat16 if on_gpu else torch.float32, attn_implementation="sdpa")
+    if spec["method"] == "qlora":
+        load["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        )
+        load["device_map"] = {"": 0 if on_gpu else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **load)
+
+    class StepClock(TrainerCallback):
+        """Wall time between optimizer steps (data, forward, backward, optimizer, logging) and each step's log."""
+
+        def __init__(self):
+            self.last, self.times, self.logs = 0.0, [], []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = common.now()
+
+        def on_step_end(self, args, state, control, **kw):
+            t = common.now()
+            self.times.append(t - self.last)
+            self.last = t
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.logs.append(dict(logs, step=state.global_step))
+
+    clock = StepClock()
+    config = SFTConfig(
+        output_dir=spec["output_dir"], max_steps=spec["warmup"] + spec["steps"], per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["grad_accum"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+        report_to="none", seed=spec["seed"], bf16=on_gpu, use_cpu=not on_gpu, packing=True, max_length=spec["seq_len"],
+        gradient_checkpointing=spec["activation_checkpointing"], use_liger_kernel=liger, dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    peft_config = LoraConfig(r=spec["lora_rank"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0, target_modules=LORA_TARGETS,
+                             bias="none", task_type="CAUSAL_LM")
+    dataset = Dataset.from_dict({"text": read_corpus(spec["corpus_dir"])})
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+                         callbacks=[clock])
+    trainer.train()
+    logs = clock.logs
+    # `num_tokens` is TRL's running count of tokens fed to the model (padding-free: no pad)
+    cumulative = [int(entry["num_tokens"]) for entry in logs]
+    step_tokens = [b - a for a, b in zip([0] + cumulative, cumulative)]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return summarize(spec, clock.times, step_tokens, [float(e["loss"]) for e in logs], trainable_params=trainable)
+
+
+# --------------------------------------------------------------------------------------------
+# Our side
+# --------------------------------------------------------------------------------------------
+def ours_overrides(spec: dict[str, Any]) -> list[str]:
+    """The launcher's key=value list for this case: the TRL side's settings, in our config language."""
+    on_gpu = spec["device"] == "cuda"
+    return [
+        f"model.path={spec['model_dir']}", "model.init=pretrained", "model.attn_implementation=sdpa",
+        f"data.source=text:{spec['corpus_dir']}", "data.packing=true", "data.val_fraction=0",
+        f"train.seq_len={spec['seq_len']}", f"train.micro_batch_size={spec['micro_batch']}", f"train.grad_accum={spec['grad_accum']}",
+        f"train.lr={spec['lr']}", "train.scheduler=constant", "train.warmup_steps=0",
+        "train.weight_decay=0", "train.max_grad_norm=1.0", "train.optimizer=adamw", "train.log_every_n_steps=1",
+        f"train.activation_checkpointing={'full' if spec['activation_checkpointing'] else 'none'}",
+        "lora.enabled=true", f"lora.rank={spec['lora_rank']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0",
+        f"lora.target_modules={','.join(LORA_TARGETS)}", f"quant.load_in_4bit={str(spec['method'] == 'qlora').lower()}",
+        f"precision={'bf16' if on_gpu else 'fp32'}", f"device={spec['device']}", f"output_dir={spec['output_dir']}", f"seed={spec['seed']}",
+        "checkpoint.save_final=false", "wandb.enabled=false",
+    ]
+
+
+def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    run = common.run_crucible(ours_overrides(spec), spec["warmup"], spec["steps"], profile_steps=3 if spec["profile"] else 0)
+    trainer_cfg = run["config"]
+    return summarize(spec, run["times"], run["tokens"], run["losses"], top_ops=run["top_ops"],
+                     trainable_params=run["trainable_params"], precision=trainer_cfg.precision, activation_checkpointing=trainer_cfg.train.activation_checkpointing)
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------
+def skip_reason(method: str, side: str) -> str | None:
+    """Why this case cannot run on this machine (None: it can)."""
+    import importlib.util
+
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes not installed"
+    if side.startswith("trl") and importlib.util.find_spec("trl") is None:
+        return "trl not installed"
+    if side == "trl_liger" and (importlib.util.find_spec("liger_kernel") is None or not _cuda()):
+        return "liger-kernel needs CUDA and the liger-kernel package"
+    return None
+
+
+def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ours against each TRL side of the same (shape, method): speed-up, memory ratio, loss agreement."""
+    out = []
+    by_case = {(r["shape"], r["method"], r["side"]): r for r in rows if r.get("tokens_per_s")}
+    for (shape, method, side), base in by_case.items():
+        ours = by_case.get((shape, method, "ours"))
+        if side == "ours" or ours is None:
+            continue
+        noise = max(ours["loss_noise"], base["loss_noise"], 0.02 * abs(base["final_loss"]))
+        delta = ours["final_loss"] - base["final_loss"]
+        speedup = ours["tokens_per_s"] / base["tokens_per_s"]
+        mem_ratio = ours["peak_mem_gib"] / base["peak_mem_gib"] if ours["peak_mem_gib"] and base["peak_mem_gib"] else None
+        met = speedup >= TARGET_SPEEDUP and (mem_ratio is None or mem_ratio <= 1.0)
+        out.append(dict(shape=shape, method=method, baseline=side, speedup=round(speedup, 3),
+                        mem_ratio=round(mem_ratio, 3) if mem_ratio else None, loss_delta=round(delta, 4),
+                        loss_agree=abs(delta) <= 2 * noise, target=f">= {TARGET_SPEEDUP}x at <= 1.0x mem", target_met=met))
+    return out
+
+
+def main() -> None:
+    p = common.bench_parser(__doc__.split("\n")[0])
+    p.add_argument("--shapes", type=common.csv_list, default=["smollm2-135m", "llama-3.2-1b"])
+    p.add_argument("--methods", type=common.csv_list, default=list(METHODS))
+    p.add_argument("--sides", type=common.csv_list, default=list(SIDES))
+    p.add_argument("--steps", type=int, default=30, help="measured optimizer steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=5, help="optimizer steps run before timing starts")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--activation-checkpointing", type=lambda s: s.lower() in ("1", "true", "on", "yes"), default=True,
+                   help="on both sides (TRL's default is on)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--case-timeout", type=float, default=240, help="seconds before one side is killed")
+    p.add_argument("--worker", type=Path, default=None, help=argparse_hidden())
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    if args.smoke:
+        args.shapes, args.steps, args.warmup, args.seq_len, args.micro_batch, args.grad_accum = ["tiny"], 2, 1, 256, 2, 1
+    for name, allowed in (("--methods", METHODS), ("--sides", SIDES)):
+        bad = [v for v in getattr(args, name[2:]) if v not in allowed]
+        if bad:
+            raise SystemExit(f"error: {name} {','.join(bad)} unknown; choose from {','.join(allowed)}")
+    for shape in args.shapes:
+        common.hf_config(shape)  # unknown shape: one-line error before any work
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-sft-"))
+    tokenizer = common.load_tokenizer()
+    tokens_needed = int(1.15 * (args.warmup + args.steps) * args.micro_batch * args.grad_accum * args.seq_len)
+    print(f"corpus: {tokens_needed:,} tokens of synthetic chat text, documents < {args.seq_len} tokens", flush=True)
+    corpus = common.write_corpus(workdir / "corpus", common.corpus_documents(tokenizer, tokens_needed, args.seq_len - 1, args.seed))
+
+    rows, notes = [], []
+    for shape in args.shapes:
+        model_dir = common.build_model_dir(shape, workdir / f"model-{shape}", seed=args.seed)
+        if common.vocab_note(shape):
+            notes.append(f"{shape}: {common.vocab_note(shape)}")
+        for method in args.methods:
+            for side in args.sides:
+                spec = case_spec(args, shape, method, side, model_dir, corpus, workdir)
+                row = dict(shape=shape, method=method, side=side)
+                reason = skip_reason(method, side)
+                if reason:
+                    row["skipped"] = reason
+                    notes.append(f"{shape}/{method}/{side} skipped: {reason}")
+                else:
+                    spec_path = workdir / "specs" / f"{spec['name']}.json"
+                    spec_path.parent.mkdir(parents=True, exist_ok=True)
+                    spec_path.write_text(json.dumps(spec))
+                    print(f"== {spec['name']}", flush=True)
+                    row.update(common.run_worker([sys.executable, __file__, "--worker", str(spec_path)], Path(spec["result"]),
+                                                 timeout=args.case_timeout, label=spec["name"]))
+                    if "error" in row:
+                        notes.append(f"{spec['name']} failed: {row['error']}")
+                rows.append(row)
+                common.save_results(args.out, "sft_vs_trl", args, rows, comparisons=compare(rows), notes=notes)
+    comparisons = compare(rows)
+    common.save_results(args.out, "sft_vs_trl", args, rows, comparisons=comparisons, notes=notes)
+    report(rows, comparisons, notes, args)
+
+
+def report(rows, comparisons, notes, args) -> None:
+    for r in rows:
+        if r.get("top_ops"):
+            common.print_table(f"top ops by self CUDA time: ours, {r['shape']} {r['method']}", r["top_ops"],
+                               [("op", "op"), ("self_ms", "self ms"), ("pct", "%"), ("calls", "calls")])
+    common.print_table(
+        f"SFT {args.seq_len}-token packed, micro-batch {args.micro_batch} x accum {args.grad_accum}, {args.steps} steps after {args.warmup} warm-up",
+        rows, [("shape", "shape"), ("method", "method"), ("side", "side"), ("tokens_per_s", "tokens/s"), ("step_ms", "step ms"),
+               ("peak_mem_gib", "peak GiB"), ("final_loss", "final loss"), ("wall_s", "wall s")],
+    )
+    common.print_table("crucible vs baseline", comparisons,
+                       [("shape", "shape"), ("method", "method"), ("baseline", "baseline"), ("speedup", "speed-up"),
+                        ("mem_ratio", "mem ratio"), ("loss_delta", "loss delta"), ("loss_agree", "loss agrees"), ("target_met", "target met")],
+                       notes=notes)
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def worker(spec_path: Path) -> None:
+    """One side of one case, in this (fresh) process; the result goes to the spec's result path."""
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    torch.manual_seed(spec["seed"])
+    result = run_ours(spec) if spec["side"] == "ours" else run_trl(spec, liger=spec["side"] == "trl_liger")
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
