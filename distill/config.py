@@ -28,6 +28,7 @@ class DistillConfig:
     on_policy_ratio: float = 0.0  # lambda: share of micro-batches sampled by the student through the engine
     on_policy_max_new_tokens: int = 64
     on_policy_temperature: float = 1.0
+    engine_memory_utilization: float = 0.3  # GPU share of the student's sampling engine (it sits beside training)
     # --- pipeline ------------------------------------------------------------------------------
     generate_if_missing: bool = True  # setup runs synth generation when data.source == synth.output does not exist yet
     evaluate: bool = True  # finish(): student-before / student-after / teacher table and PNG

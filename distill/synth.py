@@ -82,14 +82,13 @@ class Report:
 # --------------------------------------------------------------------------------------------
 # The teacher behind a chat -> text function (the engine in production, any callable in tests)
 # --------------------------------------------------------------------------------------------
-def engine_generate(llm, tokenizer) -> Generate:
-    """Chats -> completions through the engine: our template rendering, one SamplingParams per request."""
+def engine_generate(llm) -> Generate:
+    """Chats -> completions through the engine, one seeded SamplingParams per request."""
     from engine import SamplingParams
 
     def generate(chats: list[list[dict[str, str]]], sampling: list[dict[str, Any]]) -> list[str]:
-        prompts = [tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False), add_special_tokens=False) for c in chats]
-        outputs = llm.generate(prompts, [SamplingParams(**s) for s in sampling])
-        return [o.outputs[0].text if o.outputs else "" for o in outputs]
+        outputs = llm.chat(chats, [SamplingParams(**s) for s in sampling])
+        return [o.outputs[0].text if o.outputs else "" for o in outputs]  # a failed request yields "" -> too_short
 
     return generate
 
@@ -270,16 +269,12 @@ def run_generation(cfg, console=None) -> Report:
     """Load the teacher into the engine, synthesize with a progress bar, write the JSONL, print the table."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from transformers import AutoTokenizer
-
     from engine import LLM
     from trainer.models import resolve_model_path
 
     console = console or Console()
     teacher = cfg.synth.teacher or cfg.distill.teacher
-    path = resolve_model_path(teacher)
-    llm = LLM(model=path, **engine_options(cfg))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    llm = LLM(model=resolve_model_path(teacher), **engine_options(cfg))
     s = cfg.synth
     with Progress(TextColumn("[bold]synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
         task, total = bar.add_task("generate", total=0), [0]
@@ -288,7 +283,7 @@ def run_generation(cfg, console=None) -> Report:
             total[0] += more
             bar.update(task, advance=done, total=total[0])
 
-        rows, report = synthesize(cfg, engine_generate(llm, tokenizer), teacher, progress)
+        rows, report = synthesize(cfg, engine_generate(llm), teacher, progress)
     report.output = str(write_jsonl(rows, s.output))
     summary = {"generated": dict(report.generated), "kept": dict(report.kept), "dropped": dict(report.dropped), "real_rows": report.real_rows}
     Path(s.output).with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
@@ -297,10 +292,7 @@ def run_generation(cfg, console=None) -> Report:
 
 
 def engine_options(cfg) -> dict[str, Any]:
-    """The engine section as LLM keyword arguments (block size, KV budget, batch limits)."""
+    """The engine section as LLM keyword arguments; its adapter belongs to the trained model, not to a teacher."""
     import dataclasses
 
-    opts = dataclasses.asdict(cfg.engine)
-    if opts.get("dtype") == "auto":
-        opts["dtype"] = "float32" if cfg.precision == "fp32" else "auto"
-    return opts
+    return {k: v for k, v in dataclasses.asdict(cfg.engine).items() if k != "adapter"}
