@@ -17,8 +17,9 @@ class LLM:
     (``block_size``, ``num_blocks``, ``max_num_seqs``, ``enable_prefix_caching``...) are EngineConfig fields."""
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", tokenizer: str | None = None,
-                 device: str | None = None, **engine_options):
-        self.engine = LLMEngine(model, dtype=dtype, tokenizer=tokenizer, device=device, **engine_options)
+                 device: str | None = None, skip_tokenizer_init: bool = False, **engine_options):
+        self.engine = LLMEngine(model, dtype=dtype, tokenizer=tokenizer, device=device,
+                                skip_tokenizer_init=skip_tokenizer_init, **engine_options)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,

@@ -44,7 +44,7 @@ class Request:
 
 class LLMEngine:
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", tokenizer: str | None = None,
-                 device: str | None = None, **engine_options):
+                 device: str | None = None, skip_tokenizer_init: bool = False, **engine_options):
         from transformers import AutoTokenizer
 
         from trainer.models import resolve_model_path
@@ -60,8 +60,10 @@ class LLMEngine:
             self.max_model_len = min(self.max_model_len, args.sliding_window)
         self.runner = ModelRunner(path, self.config, self.dtype, self.device, self.max_model_len)
         self.scheduler = Scheduler(self.config, self.runner.num_blocks)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or path)
-        self.eos_token_ids = sorted(set(args.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None}))
+        # skip_tokenizer_init: token ids in, token ids out (benchmarks of random-init models have no tokenizer)
+        self.tokenizer = None if skip_tokenizer_init else AutoTokenizer.from_pretrained(tokenizer or path)
+        tokenizer_eos = {getattr(self.tokenizer, "eos_token_id", None)} - {None}
+        self.eos_token_ids = sorted(set(args.eos_token_ids) | tokenizer_eos)
         self.vocab_size = args.vocab_size
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(self.device).manual_seed(self.config.seed)
@@ -75,6 +77,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
+        if self.tokenizer is None and (text is not None or params.stop):
+            raise ValueError("text prompts and stop strings need a tokenizer (the engine was built with skip_tokenizer_init)")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(ids)
         seqs = [Sequence(request_id, i, ids, params, None if params.seed is None else params.seed + i,
@@ -187,8 +191,12 @@ class LLMEngine:
         req = self.requests[request_id]
         outputs = []
         for seq in req.seqs:
-            text = seq.text if seq.stop_reason in seq.params.stop else self.tokenizer.decode(
-                seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+            if seq.stop_reason in seq.params.stop:
+                text = seq.text
+            elif self.tokenizer is None:
+                text = ""
+            else:
+                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
             outputs.append(CompletionOutput(
                 index=seq.index, text=text, token_ids=list(seq.output_token_ids),
                 cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
