@@ -16,6 +16,7 @@ instead of Liger's fused linear cross-entropy). Attention is SDPA on every side.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
 SIDES = ("ours", "trl", "trl_liger")
-METHODS = ("lora", "qlora")
+METHODS = ("lora", "qlora", "full")  # full: every weight trains (full_ft_mfu.py)
 TARGET_SPEEDUP = 2.0  # issue 10: >= 2.0x TRL tokens/s at <= TRL peak memory
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -84,7 +85,11 @@ def run_trl(spec: dict[str, Any], liger: bool) -> dict[str, Any]:
 
     on_gpu = spec["device"] == "cuda"
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    load: dict[str, Any] = dict(dtype=torch.bfloat16 if on_gpu else torch.float32, attn_implementation="sdpa")
+    full = spec["method"] == "full"
+    # the recipe crucible runs: frozen LoRA bases stored in bf16; fully trained weights (and so
+    # AdamW states) in fp32 with bf16 autocast (TRL's bf16=True), not pure-bf16 training
+    frozen_bf16 = on_gpu and not full
+    load: dict[str, Any] = dict(dtype=torch.bfloat16 if frozen_bf16 else torch.float32, attn_implementation="sdpa")
     if spec["method"] == "qlora":
         load["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -120,8 +125,8 @@ def run_trl(spec: dict[str, Any], liger: bool) -> dict[str, Any]:
         gradient_checkpointing=spec["activation_checkpointing"], use_liger_kernel=liger, dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    peft_config = LoraConfig(r=spec["lora_rank"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0, target_modules=LORA_TARGETS,
-                             bias="none", task_type="CAUSAL_LM")
+    peft_config = None if full else LoraConfig(r=spec["lora_rank"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
+                                               target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
     dataset = Dataset.from_dict({"text": read_corpus(spec["corpus_dir"])})
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[clock])
@@ -147,7 +152,7 @@ def ours_overrides(spec: dict[str, Any]) -> list[str]:
         f"train.lr={spec['lr']}", "train.scheduler=constant", "train.warmup_steps=0",
         "train.weight_decay=0", "train.max_grad_norm=1.0", "train.optimizer=adamw", "train.log_every_n_steps=1",
         f"train.activation_checkpointing={'full' if spec['activation_checkpointing'] else 'none'}",
-        "lora.enabled=true", f"lora.rank={spec['lora_rank']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0",
+        f"lora.enabled={str(spec['method'] != 'full').lower()}", f"lora.rank={spec['lora_rank']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0",
         f"lora.target_modules={','.join(LORA_TARGETS)}", f"quant.load_in_4bit={str(spec['method'] == 'qlora').lower()}",
         f"precision={'bf16' if on_gpu else 'fp32'}", f"device={spec['device']}", f"output_dir={spec['output_dir']}", f"seed={spec['seed']}",
         "checkpoint.save_final=false", "wandb.enabled=false",
@@ -196,44 +201,49 @@ def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def main() -> None:
-    p = common.bench_parser(__doc__.split("\n")[0])
-    p.add_argument("--shapes", type=common.csv_list, default=["smollm2-135m", "llama-3.2-1b"])
-    p.add_argument("--methods", type=common.csv_list, default=list(METHODS))
-    p.add_argument("--sides", type=common.csv_list, default=list(SIDES))
+def case_parser(description: str, *, shapes: list[str], methods: list[str], sides: list[str], micro_batch: int, grad_accum: int,
+                lr: float, activation_checkpointing: bool):
+    """The flags of a trainer head-to-head (shared with full_ft_mfu.py, which sets other defaults)."""
+    p = common.bench_parser(description)
+    p.add_argument("--shapes", type=common.csv_list, default=shapes, help=f"any of {','.join(common.SHAPES)}")
+    p.add_argument("--methods", type=common.csv_list, default=methods, help=f"any of {','.join(METHODS)}")
+    p.add_argument("--sides", type=common.csv_list, default=sides, help=f"any of {','.join(SIDES)}")
     p.add_argument("--steps", type=int, default=30, help="measured optimizer steps (after the warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="optimizer steps run before timing starts")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--micro-batch", type=int, default=micro_batch)
+    p.add_argument("--grad-accum", type=int, default=grad_accum)
+    p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--activation-checkpointing", type=lambda s: s.lower() in ("1", "true", "on", "yes"), default=True,
-                   help="on both sides (TRL's default is on)")
+    p.add_argument("--activation-checkpointing", type=lambda s: s.lower() in ("1", "true", "on", "yes"), default=activation_checkpointing,
+                   metavar="on|off", help="the same on every side")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--case-timeout", type=float, default=240, help="seconds before one side is killed")
-    p.add_argument("--worker", type=Path, default=None, help=argparse_hidden())
-    args = p.parse_args()
-    if args.worker:
-        return worker(args.worker)
-    if args.smoke:
-        args.shapes, args.steps, args.warmup, args.seq_len, args.micro_batch, args.grad_accum = ["tiny"], 2, 1, 256, 2, 1
-    for name, allowed in (("--methods", METHODS), ("--sides", SIDES)):
-        bad = [v for v in getattr(args, name[2:]) if v not in allowed]
+    p.add_argument("--case-timeout", type=float, default=300, help="seconds before one side is killed")
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run_cases(args, bench: str, extra=lambda rows: {}) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every (shape, method, side) in its own worker process; results saved after each one."""
+    if args.smoke:  # the same code paths in seconds on a CPU
+        args.shapes, args.steps, args.warmup, args.seq_len, args.micro_batch, args.grad_accum = ["tiny"], 2, 1, 128, 2, 1
+    for name, allowed in (("methods", METHODS), ("sides", SIDES)):
+        bad = [v for v in getattr(args, name) if v not in allowed]
         if bad:
-            raise SystemExit(f"error: {name} {','.join(bad)} unknown; choose from {','.join(allowed)}")
+            raise SystemExit(f"error: --{name} {','.join(bad)} unknown; choose from {','.join(allowed)}")
     for shape in args.shapes:
         common.hf_config(shape)  # unknown shape: one-line error before any work
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-sft-"))
-    tokenizer = common.load_tokenizer()
-    tokens_needed = int(1.15 * (args.warmup + args.steps) * args.micro_batch * args.grad_accum * args.seq_len)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix=f"bench-{bench}-"))
+    tokens_needed = int(1.15 * (args.warmup + args.steps + 3) * args.micro_batch * args.grad_accum * args.seq_len)
     print(f"corpus: {tokens_needed:,} tokens of synthetic chat text, documents < {args.seq_len} tokens", flush=True)
-    corpus = common.write_corpus(workdir / "corpus", common.corpus_documents(tokenizer, tokens_needed, args.seq_len - 1, args.seed))
+    docs = common.corpus_documents(common.load_tokenizer(), tokens_needed, args.seq_len - 1, args.seed)
+    corpus = common.write_corpus(workdir / "corpus", docs)
 
     rows, notes = [], []
     for shape in args.shapes:
+        print(f"model: random-init {shape}", flush=True)
         model_dir = common.build_model_dir(shape, workdir / f"model-{shape}", seed=args.seed)
         if common.vocab_note(shape):
             notes.append(f"{shape}: {common.vocab_note(shape)}")
@@ -250,15 +260,23 @@ def main() -> None:
                     spec_path.parent.mkdir(parents=True, exist_ok=True)
                     spec_path.write_text(json.dumps(spec))
                     print(f"== {spec['name']}", flush=True)
-                    row.update(common.run_worker([sys.executable, __file__, "--worker", str(spec_path)], Path(spec["result"]),
-                                                 timeout=args.case_timeout, label=spec["name"]))
+                    row.update(common.run_worker([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+                                                 Path(spec["result"]), timeout=args.case_timeout, label=spec["name"]))
                     if "error" in row:
                         notes.append(f"{spec['name']} failed: {row['error']}")
                 rows.append(row)
-                common.save_results(args.out, "sft_vs_trl", args, rows, comparisons=compare(rows), notes=notes)
-    comparisons = compare(rows)
-    common.save_results(args.out, "sft_vs_trl", args, rows, comparisons=comparisons, notes=notes)
-    report(rows, comparisons, notes, args)
+                common.save_results(args.out, bench, args, rows, notes=notes, **extra(rows))
+    return rows, notes
+
+
+def main() -> None:
+    p = case_parser(__doc__.split("\n")[0], shapes=["smollm2-135m", "llama-3.2-1b"], methods=["lora", "qlora"], sides=list(SIDES),
+                    micro_batch=4, grad_accum=2, lr=2e-4, activation_checkpointing=True)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    rows, notes = run_cases(args, "sft_vs_trl", extra=lambda rows: {"comparisons": compare(rows)})
+    report(rows, compare(rows), notes, args)
 
 
 def report(rows, comparisons, notes, args) -> None:
@@ -275,12 +293,6 @@ def report(rows, comparisons, notes, args) -> None:
                        [("shape", "shape"), ("method", "method"), ("baseline", "baseline"), ("speedup", "speed-up"),
                         ("mem_ratio", "mem ratio"), ("loss_delta", "loss delta"), ("loss_agree", "loss agrees"), ("target_met", "target met")],
                        notes=notes)
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def worker(spec_path: Path) -> None:
