@@ -57,7 +57,9 @@ def build_app(engine: LLMEngine, served_model_name: str, model_path: str, max_wa
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, e: RequestValidationError):
         first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"] if x != "body") or None
+        if first["type"] == "json_invalid":
+            return JSONResponse(P.APIError(400, f"the request body is not valid JSON ({first['ctx']['error']})").body(), status_code=400)
+        where = ".".join(str(x) for x in first["loc"] if x != "body" and not _is_type_tag(x)) or None
         message = f"{where}: {first['msg']}" if where else first["msg"]
         return JSONResponse(P.APIError(400, message, param=where).body(), status_code=400)
 
@@ -251,6 +253,13 @@ def _as_api_error(e: BaseException) -> BaseException:
     if isinstance(e, ValueError):  # the engine's own prompt checks
         return P.APIError(400, str(e), param="prompt")
     return e
+
+
+def _is_type_tag(loc_part) -> bool:
+    """pydantic names the union member that failed in the error location ("prompt.list[int]"); the
+    client wants the field ("prompt")."""
+    return isinstance(loc_part, str) and (loc_part in ("str", "int", "float", "bool", "list", "dict", "none")
+                                          or "[" in loc_part or loc_part[:1].isupper())
 
 
 def _prompt_list(prompt, tokenizer) -> list[list[int]]:
