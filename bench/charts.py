@@ -1,0 +1,213 @@
+"""Bench results (the JSON every bench script writes) -> compact text, PNG charts, BENCHMARKS.md rows.
+
+    python bench/charts.py summary out/*.json               # a few lines per file (run_gpu.sh ends with this)
+    python bench/charts.py render out/*.json --out-dir docs/bench
+        # -> <bench>.png (+ <bench>-loss.png) and tables.md: one markdown table per benchmark with
+        #    date, GPU, commit, command, our number, baseline number, ratio, target
+
+``sft_vs_trl`` and ``full_ft_mfu`` get purpose-built rows and charts; any other bench JSON with a
+``rows`` list is summarized generically (its scalar fields), so every script in bench/ shows up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+MAX_ROWS = 12  # per file in the summary: run_gpu.sh's caller sees only the last 12k characters
+TABLE_HEADER = "| date | GPU | commit | command | case | ours | baseline | ratio | target | met |\n|---|---|---|---|---|---|---|---|---|---|"
+
+
+def load(path: Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    data.setdefault("bench", Path(path).stem)
+    return data
+
+
+def _num(v: Any, fmt: str = "{:,.0f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _gpu(data: dict[str, Any]) -> str:
+    env = data.get("env") or {}
+    return env.get("gpu") or env.get("device") or "?"
+
+
+# --------------------------------------------------------------------------------------------
+# One line per result: what `summary` prints
+# --------------------------------------------------------------------------------------------
+def _sft_lines(data: dict[str, Any]) -> list[str]:
+    lines = []
+    for r in data.get("rows", []):
+        case = f"{r.get('shape')} {r.get('method')} {r.get('side')}"
+        if r.get("tokens_per_s"):
+            mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+            lines.append(f"  {case}: {_num(r['tokens_per_s'])} tok/s{mfu}, peak {_num(r.get('peak_mem_gib'), '{:.2f}')} GiB, "
+                         f"loss {_num(r.get('final_loss'), '{:.4f}')}")
+        else:
+            lines.append(f"  {case}: {r.get('skipped') and 'skipped: ' + r['skipped'] or r.get('error', 'no result')}"[:240])
+    for c in data.get("comparisons", []):
+        lines.append(f"  => {c['shape']} {c['method']} vs {c['baseline']}: {c['speedup']:.2f}x tok/s, "
+                     f"{_num(c.get('mem_ratio'), '{:.2f}')}x mem, loss delta {c['loss_delta']:+.3f} "
+                     f"({'agrees' if c['loss_agree'] else 'DIFFERS'}), target {'MET' if c['target_met'] else 'missed'}")
+    return lines
+
+
+def _generic_lines(data: dict[str, Any]) -> list[str]:
+    rows = data.get("rows")
+    if not isinstance(rows, list):  # unknown layout: its scalar top-level fields
+        scalars = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) and k not in ("command", "date")}
+        return [f"  {json.dumps(scalars, default=str)[:400]}"]
+    lines = []
+    for r in rows[:MAX_ROWS]:
+        scalars = {k: v for k, v in r.items() if isinstance(v, (int, float, str, bool)) or v is None} if isinstance(r, dict) else r
+        lines.append(f"  {json.dumps(scalars, default=str)[:300]}")
+    if len(rows) > MAX_ROWS:
+        lines.append(f"  ... {len(rows) - MAX_ROWS} more rows")
+    return lines
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    head = f"{data['bench']} on {_gpu(data)} ({data.get('date', '?')})"
+    body = _sft_lines(data) if data["bench"] in ("sft_vs_trl", "full_ft_mfu") else _generic_lines(data)
+    return [head] + body[: MAX_ROWS + 6] + [f"  note: {n}"[:240] for n in data.get("notes", [])[:4]]
+
+
+# --------------------------------------------------------------------------------------------
+# BENCHMARKS.md rows
+# --------------------------------------------------------------------------------------------
+def _row(data: dict[str, Any], case: str, ours: str, baseline: str, ratio: str, target: str, met: bool | None) -> str:
+    cells = [data.get("date", "?"), _gpu(data), f"`{data.get('commit', '?')}`", f"`{data.get('command', '?')}`", case, ours,
+             baseline, ratio, target, {True: "yes", False: "**no**", None: "-"}[met]]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_rows(data: dict[str, Any]) -> list[str]:
+    rows = {(r.get("shape"), r.get("method"), r.get("side")): r for r in data.get("rows", [])}
+    if data["bench"] == "sft_vs_trl":
+        out = []
+        for c in data.get("comparisons", []):
+            ours, base = rows[(c["shape"], c["method"], "ours")], rows[(c["shape"], c["method"], c["baseline"])]
+            out.append(_row(
+                data, f"{c['shape']} {c['method']} vs {c['baseline']}",
+                f"{_num(ours['tokens_per_s'])} tok/s, {_num(ours.get('peak_mem_gib'), '{:.2f}')} GiB",
+                f"{_num(base['tokens_per_s'])} tok/s, {_num(base.get('peak_mem_gib'), '{:.2f}')} GiB",
+                f"{c['speedup']:.2f}x speed, {_num(c.get('mem_ratio'), '{:.2f}')}x mem", c["target"], c["target_met"]))
+        return out
+    if data["bench"] == "full_ft_mfu":
+        target = data.get("target_mfu", 0.45)
+        out = []
+        for (shape, method, side), r in rows.items():
+            if side != "ours" or not r.get("tokens_per_s"):
+                continue
+            base = next((b for (s, m, bs), b in rows.items() if s == shape and bs != "ours" and b.get("tokens_per_s")), None)
+            mfu = lambda x: f"{x['mfu']:.1%} MFU ({_num(x['tokens_per_s'])} tok/s)" if x.get("mfu") is not None else f"{_num(x['tokens_per_s'])} tok/s"
+            ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+            out.append(_row(data, f"{shape} full FT bf16", mfu(r), f"{base['side']}: {mfu(base)}" if base else "-", ratio,
+                            f">= {target:.0%} MFU", r.get("target_met")))
+        return out
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# Charts
+# --------------------------------------------------------------------------------------------
+SIDE_COLORS = {"ours": "#1f77b4", "trl": "#ff7f0e", "trl_liger": "#2ca02c"}
+
+
+def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Throughput (and MFU or peak memory) bars per case and side; loss curves when there are any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in data.get("rows", []) if isinstance(r, dict) and r.get("tokens_per_s")]
+    if not measured:
+        return []
+    cases = list(dict.fromkeys(f"{r['shape']}\n{r['method']}" for r in measured))
+    sides = list(dict.fromkeys(r["side"] for r in measured))
+    second = ("mfu", "MFU (%)", 100.0) if any(r.get("mfu") is not None for r in measured) else ("peak_mem_gib", "peak memory (GiB)", 1.0)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(cases) * 2), 4.2), dpi=120)
+    width = 0.8 / len(sides)
+    for j, side in enumerate(sides):
+        by_case = {f"{r['shape']}\n{r['method']}": r for r in measured if r["side"] == side}
+        xs = [i + (j - (len(sides) - 1) / 2) * width for i in range(len(cases))]
+        for ax, (key, scale) in zip(axes, (("tokens_per_s", 1.0), (second[0], second[2]))):
+            values = [(by_case[c].get(key) or 0) * scale if c in by_case else 0 for c in cases]
+            ax.bar(xs, values, width, label=side, color=SIDE_COLORS.get(side))
+    for ax, label in zip(axes, ("tokens/s (higher is better)", second[1])):
+        ax.set_xticks(range(len(cases)), cases)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    if second[0] == "mfu" and data.get("target_mfu"):
+        axes[1].axhline(100 * data["target_mfu"], color="red", ls="--", lw=1, label=f"target {data['target_mfu']:.0%}")
+    axes[0].legend()
+    axes[1].legend()
+    fig.suptitle(f"{data['bench']} on {_gpu(data)} ({data.get('commit', '?')})")
+    fig.tight_layout()
+    paths = [out_dir / f"{data['bench']}.png"]
+    fig.savefig(paths[0])
+    plt.close(fig)
+
+    curves = [r for r in measured if r.get("losses")]
+    if curves:
+        fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), dpi=120, squeeze=False)
+        for ax, case in zip(axes[0], cases):
+            for r in (r for r in curves if f"{r['shape']}\n{r['method']}" == case):
+                ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["side"], color=SIDE_COLORS.get(r["side"]), lw=1.2)
+            ax.set_title(case.replace("\n", " "))
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        axes[0][0].set_ylabel("training loss")
+        fig.tight_layout()
+        paths.append(out_dir / f"{data['bench']}-loss.png")
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("summary", help="a few lines per result file")
+    s.add_argument("files", nargs="+", type=Path)
+    r = sub.add_parser("render", help="PNG charts + markdown rows for BENCHMARKS.md")
+    r.add_argument("files", nargs="+", type=Path)
+    r.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    args = p.parse_args(argv)
+
+    results = []
+    for path in args.files:
+        try:
+            results.append(load(path))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"{path}: unreadable ({type(e).__name__}: {e})", file=sys.stderr)
+    if args.command == "summary":
+        for data in results:
+            print("\n".join(summary_lines(data)))
+        return 0
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for data in results:
+        pngs = chart(data, args.out_dir)
+        rows = markdown_rows(data)
+        section = [f"### {data['bench']}", ""]
+        if rows:
+            section += [TABLE_HEADER, *rows, ""]
+        section += [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+        sections.append("\n".join(section))
+        for png in pngs:
+            print(f"wrote {png}")
+    tables = args.out_dir / "tables.md"
+    tables.write_text("\n".join(sections))
+    print(f"wrote {tables}")
+    print("\n".join(sections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
