@@ -30,6 +30,11 @@ class Strategy:
 
         kind = resolve_device(cfg)
         self.device = torch.device(f"cuda:{self.local_rank}" if kind == "cuda" else "cpu")
+        self.guard = FirstStepGuard(cfg)
+        # Each rank's loss is already divided by the *global* normalizer (methods.py), so the true
+        # gradient is the sum over ranks. Data-parallel wrappers average instead; scaling the loss
+        # by the world size turns their average back into that sum.
+        self.loss_scale = 1.0
 
     # --- lifecycle -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -47,6 +52,9 @@ class Strategy:
     # --- model and optimizer ---------------------------------------------------------------
     def wrap(self, model: torch.nn.Module, make_optimizer: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Apply the strategy's passes to ``model`` and build its optimizer over trainable params."""
+        from parallel.fp8 import maybe_apply_fp8
+
+        maybe_apply_fp8(model, self.cfg)
         model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, make_optimizer(params)
@@ -60,16 +68,19 @@ class Strategy:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
-        loss.backward()
+        self.guard.observe_loss(loss)
+        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
 
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
         if not params:
             return 0.0
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return float(norm)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+        self.guard.observe_grad_norm(norm)
+        return norm
 
     def optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.guard.check(self.rank)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -102,26 +113,92 @@ class Strategy:
         load_trainable_weights(self.unwrap(model), directory)
 
 
-def load_trainable_weights(model: torch.nn.Module, directory: Path) -> None:
+class TrainingBrokenError(RuntimeError):
+    """The first optimizer step shows a model that cannot train (NaN loss/gradients, or all zero)."""
+
+
+class FirstStepGuard:
+    """Refuses to take the first optimizer step when the loss or gradient norm says training is broken.
+
+    Some combinations fail silently elsewhere: FSDP with an NF4 base whose ``quant_storage`` does not
+    match the sharded dtype trains with ``loss=0.0, grad_norm=nan`` and no error. One host sync on
+    the first step is cheap; later steps are not checked (a NaN later is divergence, not setup).
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.losses: list[float] = []
+        self.grad_norm: float | None = None
+        self.done = False
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        if not self.done:
+            self.losses.append(float(loss.detach()))
+
+    def observe_grad_norm(self, norm: float) -> None:
+        if not self.done:
+            self.grad_norm = norm
+
+    def check(self, rank: int = 0) -> None:
+        if self.done:
+            return
+        self.done = True
+        import math
+
+        bad_loss = any(not math.isfinite(x) for x in self.losses) or (self.losses and all(x == 0.0 for x in self.losses))
+        bad_norm = self.grad_norm is not None and not math.isfinite(self.grad_norm)
+        if bad_loss or bad_norm:
+            c = self.cfg
+            setup = f"parallel.strategy={c.parallel.strategy}, precision={c.precision}, lora.enabled={c.lora.enabled}"
+            if c.quant.load_in_4bit:
+                setup += f", quant.load_in_4bit=true, quant.quant_storage={c.quant.quant_storage}"
+            loss = self.losses[0] if self.losses else float("nan")
+            raise TrainingBrokenError(
+                f"rank {rank}: first step has loss={loss:.4g}, grad_norm={self.grad_norm} - the model cannot train "
+                f"with {setup}; stopping before the optimizer corrupts the weights"
+            )
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no safetensors weights in {directory}")
-    if hasattr(model, "peft_config"):
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def to_peft_fqns(adapter_state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter-file keys (``...q_proj.lora_A.weight``) -> the live model's (``...q_proj.lora_A.default.weight``)."""
+    names = {n for n, _ in model.named_parameters()}
+    adapter = next(iter(model.peft_config))
+    out = {}
+    for key, value in adapter_state.items():
+        for part in ("lora_A", "lora_B"):
+            key = key.replace(f".{part}.weight", f".{part}.{adapter}.weight")
+        if key not in names:
+            raise RuntimeError(f"adapter weight {key!r} does not fit the model")
+        out[key] = value
+    return out
+
+
+def load_trainable_weights(model: torch.nn.Module, directory: Path) -> None:
+    state = read_safetensors_dir(directory)
+    if is_peft(model):
         from peft import set_peft_model_state_dict
 
-        state = {}
-        for f in files:
-            state.update(load_file(f))
         result = set_peft_model_state_dict(model, state)
         bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
         if bad:
             raise RuntimeError(f"adapter weights in {directory} do not fit the model: {bad[:3]}")
         return
-    state = {}
-    for f in files:
-        state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:

@@ -1,0 +1,182 @@
+"""DeepSpeed ZeRO stages 1-3 (``parallel.strategy=zero1|zero2|zero3``) through ``deepspeed.initialize``.
+
+The DeepSpeed config is generated from ours (batch sizes, clipping, bf16, stage, offload) and a
+user JSON (``parallel.deepspeed_config``) is merged over it. The model is built normally (not under
+``zero.Init``) and partitioned by ``deepspeed.initialize``, so every model source, LoRA and QLoRA
+work unchanged. Without offload the optimizer is our own torch optimizer (no CPU-Adam build);
+with offload DeepSpeed's CPU Adam runs the step on the host.
+
+Gradient accumulation: the loop marks the last micro-batch through ``no_sync``; DeepSpeed reduces
+gradients only at that boundary. Clipping happens inside ``engine.step()``, so the gradient norm
+exists only after the step: ``clip_grad_norm`` takes the step and ``optimizer_step`` then finds
+nothing left to do.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel.base import OptimizerFactory, is_peft
+from parallel.distributed import DistributedStrategy
+from trainer.config import ConfigError, deep_merge
+
+TAG = "zero"
+
+
+def deepspeed_config(cfg, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``cfg`` (before the user's overrides)."""
+    stage = int(cfg.parallel.strategy[-1])
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
+    if cfg.parallel.offload in ("optimizer", "params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.parallel.offload == "params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "bf16": {"enabled": on_gpu and cfg.precision in ("bf16", "fp8")},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # our torch AdamW / bitsandbytes optimizers
+        "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def load_user_config(path: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"parallel.deepspeed_config={path!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"parallel.deepspeed_config={path!r} is not valid JSON: {e}") from None
+
+
+class ZeroStrategy(DistributedStrategy):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.name = cfg.parallel.strategy
+        self.stage = int(self.name[-1])
+        self._stepped = False
+
+    def ds_config(self) -> dict[str, Any]:
+        generated = deepspeed_config(self.cfg, self.world_size, self.device.type == "cuda")
+        user = self.cfg.parallel.deepspeed_config
+        return deep_merge(generated, load_user_config(user)) if user else generated
+
+    def wrap(self, model: torch.nn.Module, make_optimizer: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        import deepspeed
+
+        model.to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        config = self.ds_config()
+        if "offload_optimizer" in config["zero_optimization"]:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            t = self.cfg.train
+            optimizer = DeepSpeedCPUAdam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, adamw_mode=True)
+        else:
+            optimizer = make_optimizer(params)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params, config=config,
+                                               dist_init_required=False)
+        # DeepSpeed's ZeRO optimizer steps `optimizer` on its fp32 partitions, so the torch
+        # optimizer's param_groups still drive the learning rate: LR schedulers work unchanged.
+        return engine, optimizer
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return getattr(model, "module", model)
+
+    def no_sync(self, model, is_last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        model.set_gradient_accumulation_boundary(is_last_micro_batch)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, model) -> None:
+        self.guard.observe_loss(loss)
+        # our loss is already divided by the global normalizer: undo DeepSpeed's own /grad_accum
+        # and its average over ranks (loss_scale = world size), leaving the exact sum
+        model.backward(loss * self.loss_scale, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, model, max_norm: float) -> float:
+        self._step(model)
+        norm = model.get_global_grad_norm()
+        value = float(norm) if norm is not None else 0.0
+        return value
+
+    def optimizer_step(self, model, optimizer: torch.optim.Optimizer) -> None:
+        if not self._stepped:
+            self._step(model)
+        self._stepped = False
+
+    def _step(self, model) -> None:
+        model.step()  # clips (gradient_clipping), steps and zeroes the gradients
+        norm = model.get_global_grad_norm()
+        self.guard.observe_grad_norm(float(norm) if norm is not None else 0.0)
+        self.guard.check(self.rank)
+        self._stepped = True
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_state(self, directory: Path, model, optimizer: torch.optim.Optimizer) -> None:
+        model.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=is_peft(model.module))
+
+    def load_state(self, directory: Path, model, optimizer: torch.optim.Optimizer) -> None:
+        path, _ = model.load_checkpoint(str(directory), tag=TAG, load_module_strict=not is_peft(model.module),
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{TAG}' in {directory}")
+
+    def consolidated_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """Full tensors of what an export needs (adapters for PEFT, all weights otherwise) on rank 0.
+
+        Under ZeRO-3 each rank holds a slice of every parameter; reading ``p.data`` there gives an
+        empty tensor (the ``Size([0])`` adapters of DeepSpeed#4295). ``GatheredParameters`` brings
+        the full tensor back one parameter at a time, so peak memory stays one tensor.
+        """
+        module = model.module
+        peft = is_peft(module)
+        state: dict[str, torch.Tensor] = {}
+        for name, p in module.named_parameters():
+            if peft and not p.requires_grad:
+                continue
+            if self.stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    if self.is_main:
+                        state[name] = p.detach().to("cpu", copy=True)
+            elif self.is_main:
+                state[name] = p.detach().to("cpu", copy=True)
+        if not peft and self.is_main:  # buffers (none in HF LMs today) are never partitioned
+            state.update({n: b.detach().cpu() for n, b in module.named_buffers() if n in module.state_dict()})
+        return state
+
+    def save_pretrained(self, model, directory: Path) -> None:
+        state = self.consolidated_state_dict(model)
+        if self.is_main:
+            empty = [n for n, t in state.items() if t.numel() == 0]
+            if empty:
+                raise RuntimeError(f"export would write empty tensors (ZeRO-3 partitions not gathered): {empty[:3]}")
+            model.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        self.barrier()
+
+    def load_model_weights(self, model, directory: Path) -> None:
+        from parallel.base import load_trainable_weights
+
+        if self.stage == 3:
+            import deepspeed
+
+            params = [p for p in model.module.parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                if self.is_main:
+                    load_trainable_weights(model.module, directory)
+            return
+        load_trainable_weights(model.module, directory)
+        # ZeRO-1/2 step fp32 master partitions inside the optimizer: copy the loaded weights into them
+        model.optimizer.refresh_fp32_params()
