@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import PagedAttention
-from engine.layers import Linear, RMSNorm, RotaryEmbedding
+from engine.layers import Linear, RMSNorm, RotaryEmbedding, SiluAndMul
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -113,10 +113,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(a.hidden_size, 2 * a.intermediate_size, a.mlp_bias, [a.intermediate_size] * 2)
         self.down_proj = Linear(a.intermediate_size, a.hidden_size, a.mlp_bias)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

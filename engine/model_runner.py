@@ -11,6 +11,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.context import Context, set_context
+from engine.layers import compile_fused_ops
 from engine.loader import load_checkpoint, merge_lora_adapter
 from engine.lora import LoRAManager
 from engine.model import CausalLM, ModelArgs
@@ -35,6 +36,8 @@ class ModelRunner:
         if config.adapter:
             merge_lora_adapter(self.model, config.adapter)
         self.model.eval()
+        if device.type == "cuda" and not config.enforce_eager:
+            compile_fused_ops(self.model)
         # adapter slots exist before the KV budget is measured and before graphs capture the LoRA kernels
         self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
         self.num_blocks = config.num_blocks if device.type != "cuda" else self._gpu_num_blocks()

@@ -1,0 +1,221 @@
+"""Offline throughput of our engine vs transformers ``generate`` on nano-vllm's bench workload,
+plus the batch-1 decode step against the memory roofline.
+
+    python bench/engine_throughput.py --out $OUT/engine_throughput.json            # H100, ~5 min
+    python bench/engine_throughput.py --smoke                                     # CPU, tiny: code path only
+
+Workload (per shape, same for both sides): 256 requests, random token-id prompts (ids < 10000) of
+U[100, 1024] tokens, U[100, 1024] output tokens each, ``ignore_eos``, temperature 0.6; random-init
+bf16 models with the published shapes and vocabularies (Qwen3-0.6B, Llama-3.2-1B).
+Throughput = requested output tokens / wall time (prefill included), as in nano-vllm's bench.py.
+transformers runs the SAME requests as static batches (sorted by prompt length, left-padded, at most
+``--hf-batch-size`` per batch, each batch decoding to its longest request); it stops after
+``--hf-time-limit`` seconds and then reports the requests it finished (marked partial).
+Roofline: weight bytes read per decode step / measured device copy bandwidth.
+"""
+from __future__ import annotations
+
+import gc
+import random
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import SHAPES, bench_parser, csv_list, fmt, hf_config, now, print_table, save_results  # noqa: E402
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, vocab_size=1000)
+
+
+def build_model(shape: str, out: Path, smoke: bool) -> str:
+    """Random-init bf16 model of ``shape`` with its published vocabulary (the engine needs no tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (out / "config.json").is_file():
+        return str(out)
+    config = hf_config(shape)
+    config.vocab_size = SHAPES[shape]["published_vocab"]
+    for k, v in (TINY if smoke else {}).items():
+        setattr(config, k, v)
+    if smoke and getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:TINY["num_hidden_layers"]]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
+def workload(n: int, lo: int, hi: int, max_id: int = 9999, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, max_id) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    return prompts, [rng.randint(lo, hi) for _ in range(n)]
+
+
+def copy_bandwidth(device) -> float:
+    """Device memory bandwidth in bytes/s from a large copy (read + write)."""
+    import torch
+
+    n = (1 << 30) // 2 if device.type == "cuda" else 1 << 22
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, reps = now(), 20
+    for _ in range(reps):
+        dst.copy_(src)
+    return 2 * src.numel() * src.element_size() * reps / (now() - start)
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads: every weight once; an untied input embedding only gathers rows."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.args.tie_word_embeddings:
+        emb = model.model.embed_tokens.weight
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
+    import torch
+
+    from engine import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model_dir, dtype="bf16", skip_tokenizer_init=True, max_model_len=4096, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
+              num_blocks=4096)  # num_blocks: the CPU (smoke) budget
+    startup = time.perf_counter() - start
+    llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up (kernel compiles)
+    params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in out_lens]
+    start = now()
+    outs = llm.generate(prompts, params)
+    seconds = now() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == sum(out_lens), f"engine produced {produced} tokens, expected {sum(out_lens)}"
+    row = {"side": "crucible engine", "requests": len(prompts), "output_tokens": produced, "seconds": seconds,
+           "tok_per_s": produced / seconds, "startup_s": startup, "num_kv_blocks": llm.engine.runner.num_blocks,
+           "preemptions": llm.stats()["preemptions"]}
+    row.update(decode_roofline(llm))
+    del llm, outs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def decode_roofline(llm) -> dict:
+    """Median batch-1 decode step (whole engine step: schedule, graph replay, LM head, sampling)."""
+    from engine import SamplingParams
+
+    engine = llm.engine
+    engine.add_request(list(range(1, 129)), SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True), "roofline")
+    times = []
+    while engine.has_unfinished():
+        start = now()
+        engine.step()
+        times.append(now() - start)
+    engine.output("roofline")
+    step = statistics.median(times[10:])
+    nbytes = weight_bytes(engine.runner.model)
+    bandwidth = copy_bandwidth(engine.device)
+    roofline = nbytes / bandwidth
+    return {"decode_step_ms": step * 1e3, "roofline_ms": roofline * 1e3, "x_roofline": step / roofline,
+            "weight_gb": nbytes / 1e9, "copy_bw_gb_s": bandwidth / 1e9}
+
+
+def run_transformers(model_dir: str, prompts, out_lens, args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    done_requests, useful, computed = 0, 0, 0
+    start = now()
+    for b in range(0, len(order), args.hf_batch_size):
+        idx = order[b:b + args.hf_batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):  # left padding
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        new = max(out_lens[i] for i in idx)
+        with torch.no_grad():
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=True, temperature=0.6, top_k=None, top_p=None, pad_token_id=0)
+        done_requests += len(idx)
+        useful += sum(out_lens[i] for i in idx)
+        computed += new * len(idx)
+        elapsed = now() - start
+        print(f"  transformers: {done_requests}/{len(prompts)} requests, {elapsed:.0f}s", flush=True)
+        if elapsed > args.hf_time_limit and done_requests < len(prompts):
+            break
+    seconds = now() - start
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"side": "transformers generate", "requests": done_requests, "output_tokens": useful, "seconds": seconds,
+            "tok_per_s": useful / seconds, "partial": done_requests < len(prompts),
+            "padding_waste": 1 - useful / computed}
+
+
+def main() -> int:
+    p = bench_parser(__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=csv_list, default=["qwen3-0.6b", "llama-3.2-1b"])
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--min-len", type=int, default=100)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--hf-batch-size", type=int, default=128)
+    p.add_argument("--hf-time-limit", type=float, default=150.0, help="seconds per shape for the transformers side")
+    args = p.parse_args()
+    if args.smoke:
+        args.num_requests, args.min_len, args.max_len, args.shapes = 6, 4, 12, args.shapes[:1]
+    import tempfile
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="engine-bench-"))
+    rows = []
+    for shape in args.shapes:
+        prompts, out_lens = workload(args.num_requests, args.min_len, args.max_len, TINY["vocab_size"] - 1 if args.smoke else 9999)
+        print(f"[{shape}] building random-init model", flush=True)
+        model_dir = build_model(shape, workdir / shape, args.smoke)
+        print(f"[{shape}] engine: {len(prompts)} requests, {sum(out_lens)} output tokens", flush=True)
+        try:
+            engine_row = run_engine(model_dir, prompts, out_lens, args)
+        except Exception as e:  # keep going: the other side and shape still tell something
+            traceback.print_exc()
+            engine_row = {"side": "crucible engine", "error": f"{type(e).__name__}: {e}"}
+        rows.append({"shape": shape, **engine_row})
+        save_results(args.out, "engine_throughput", args, rows)
+        print(f"[{shape}] transformers generate on the same requests", flush=True)
+        try:
+            hf_row = run_transformers(model_dir, prompts, out_lens, args)
+        except Exception as e:
+            traceback.print_exc()
+            hf_row = {"side": "transformers generate", "error": f"{type(e).__name__}: {e}"}
+        rows.append({"shape": shape, **hf_row})
+        if "tok_per_s" in engine_row and "tok_per_s" in hf_row:
+            rows[-2]["speedup_vs_hf"] = engine_row["tok_per_s"] / hf_row["tok_per_s"]
+        save_results(args.out, "engine_throughput", args, rows)
+    print_table("engine throughput (256 requests, in/out U[100,1024], ignore_eos)", rows, [
+        ("shape", "shape"), ("side", "side"), ("requests", "requests"), ("output_tokens", "out tokens"), ("seconds", "s"),
+        ("tok_per_s", "out tok/s"), ("speedup_vs_hf", "x HF"), ("decode_step_ms", "bs1 step ms"),
+        ("roofline_ms", "roofline ms"), ("x_roofline", "x roofline"), ("preemptions", "preempt"), ("error", "error"),
+    ], notes=["targets (H100): qwen3-0.6b >= 11,000 out tok/s and >= 10x transformers; bs1 decode step <= 1.3x roofline",
+              "transformers: static sorted batches; 'partial' rows stopped at --hf-time-limit (throughput over the finished ones)"])
+    for row in rows:
+        if row.get("partial"):
+            print(f"note: {row['shape']} transformers side is partial ({row['requests']} requests)")
+    print(f"results: {args.out or '(not saved: pass --out)'}; {fmt(len(rows))} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
