@@ -27,15 +27,14 @@ class LLM:
         """Run prompts (text, token ids, or ``{"prompt_token_ids": [...]}``) to completion, in order.
         A request that cannot run comes back with ``.error`` set; the others still run."""
         final: dict[str, RequestOutput] = {}
-        for out in self._run(prompts, sampling_params, use_tqdm):
-            if out.finished:
-                final[out.request_id] = out
+        for out in self._run(prompts, sampling_params, use_tqdm, stream=False):
+            final[out.request_id] = out
         return [final[i] for i in sorted(final, key=int)]
 
     def stream(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:
         """Yield each request's cumulative output every step it advances (the last one has ``finished``)."""
-        yield from self._run(prompts, sampling_params, use_tqdm=False)
+        yield from self._run(prompts, sampling_params, use_tqdm=False, stream=True)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
@@ -67,7 +66,9 @@ class LLM:
         return self.engine.stats()
 
     # ----------------------------------------------------------------
-    def _run(self, prompts, sampling_params, use_tqdm: bool) -> Iterator[RequestOutput]:
+    def _run(self, prompts, sampling_params, use_tqdm: bool, stream: bool) -> Iterator[RequestOutput]:
+        """Add the requests and step until all finish, yielding finished outputs (and, when streaming,
+        every intermediate one: building outputs copies token lists, so it is skipped otherwise)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -75,10 +76,9 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         engine = self.engine
-        base = len(engine.requests)
-        ids = [str(base + i) for i in range(len(prompts))]
         if engine.requests:
             raise RuntimeError("the engine already has requests in flight; one generate/stream at a time")
+        ids = [str(i) for i in range(len(prompts))]  # generate() returns outputs in this order
         pending = set()
         for request_id, prompt, p in zip(ids, prompts, params):
             if isinstance(prompt, dict):
@@ -90,15 +90,21 @@ class LLM:
                 yield RequestOutput(request_id, prompt if isinstance(prompt, str) else None,
                                     [] if isinstance(prompt, str) else list(prompt or []), finished=True, error=str(e))
         progress = _progress(len(pending), use_tqdm)
-        while engine.has_unfinished():
-            for request_id in engine.step():
-                if request_id in pending:
-                    out = engine.output(request_id)
-                    if out.finished:
+        try:
+            while engine.has_unfinished():
+                for request_id in engine.step():
+                    if request_id not in pending:
+                        continue
+                    if engine.is_finished(request_id):
                         pending.discard(request_id)
                         progress.update(1)
-                    yield out
-        progress.close()
+                        yield engine.output(request_id)
+                    elif stream:
+                        yield engine.output(request_id)
+        finally:  # a consumer that stops streaming early must not leave requests holding KV blocks
+            for request_id in pending:
+                engine.abort(request_id)
+            progress.close()
 
 
 class _NoProgress:

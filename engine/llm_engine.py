@@ -107,6 +107,9 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
 
+    def is_finished(self, request_id: str) -> bool:
+        return self.requests[request_id].finished
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

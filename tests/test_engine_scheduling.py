@@ -159,6 +159,11 @@ def test_streaming_yields_growing_outputs(tiny_llama_dir, prompts):
     seen = [out.outputs[0].token_ids for out in llm.stream([prompts[3]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))]
     assert [len(s) for s in seen] == [1, 2, 3, 4, 5, 6]
     assert seen[-1] == tokens(llm.generate([prompts[3]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)))[0]
+    stream = llm.stream([prompts[3]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    next(stream)
+    stream.close()  # a client that goes away: its request is aborted and its blocks freed
+    assert_no_leaks(llm)
+    assert len(tokens(llm.generate([prompts[3]], GREEDY))[0]) == GREEDY.max_tokens
 
 
 def test_bad_requests_error_without_failing_the_batch(tiny_llama_dir, prompts):
