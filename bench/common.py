@@ -20,6 +20,7 @@ import platform
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -444,16 +445,23 @@ def run_worker(cmd: list[str], result_path: Path, timeout: float | None = None, 
     tail: list[str] = []
     try:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except OSError as e:
+        return {"error": f"could not start: {e}"}
+    # a watchdog, not a check per output line: a hung worker may print nothing at all
+    watchdog = threading.Timer(timeout, proc.kill) if timeout else None
+    if watchdog:
+        watchdog.start()
+    try:
         assert proc.stdout is not None
         for line in proc.stdout:
             print(f"  [{label}] {line.rstrip()}", flush=True)
             tail = (tail + [line.rstrip()])[-15:]
-            if timeout and time.perf_counter() - start > timeout:
-                proc.kill()
-                break
         rc = proc.wait()
-    except OSError as e:
-        return {"error": f"could not start: {e}"}
+    finally:
+        if watchdog:
+            watchdog.cancel()
+    if timeout and rc < 0 and time.perf_counter() - start >= timeout:
+        tail.append(f"killed after the {timeout:.0f}s case timeout")
     if result_path.is_file():
         result = json.loads(result_path.read_text())
     else:
