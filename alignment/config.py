@@ -50,7 +50,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     rewards: dict[str, float] = field(default_factory=lambda: {"correct": 1.0, "format": 0.5})  # name or pkg.module:fn -> weight
-    format_pattern: str = r"-?\d+"  # reward "format": the stripped completion must fully match this regex
+    format_pattern: str = r"\s*-?\d+"  # reward "format": re.match at the completion's start (end with $ for a full match)
     advantage: str = "grpo"  # registered advantage estimator: grpo | rloo
     scale_rewards: bool = True  # divide group-centred rewards by the group std (off: Dr. GRPO)
     policy_loss: str = "clip"  # registered policy loss

@@ -44,11 +44,12 @@ def correct_reward(cfg) -> RewardFn:
 
 @register_reward("format")
 def format_reward(cfg) -> RewardFn:
-    """1 when the stripped completion fully matches ``grpo.format_pattern`` (default: a bare integer)."""
+    """1 when the completion matches ``grpo.format_pattern`` at its start (``re.match``; end it with ``$``
+    to demand a full match). The default, an integer first, is what the arithmetic prompt asks for."""
     pattern = re.compile(cfg.format_pattern)
 
     def format_(prompts, completions, **_):
-        return [float(pattern.fullmatch(c.strip()) is not None) for c in completions]
+        return [float(pattern.match(c) is not None) for c in completions]
 
     return format_
 

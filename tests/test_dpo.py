@@ -1,0 +1,146 @@
+"""DPO: data validation, packing, reference options, and preference accuracy rising on built-in pairs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment.pairs import PairEncoder, PairStats, encode_pairs
+from alignment.sequences import Document, rows_from_documents, sum_by_document, token_logprobs
+from trainer.config import ConfigError, load_config
+from trainer.methods import Run, build_method
+
+
+def make_run(cfg, output_dir: Path) -> tuple[Run, torch.optim.Optimizer]:
+    """What the Trainer hands a method: tokenizer, model (LoRA per cfg), strategy, device, output dir."""
+    from parallel.base import Strategy
+    from trainer.models import build_model, load_tokenizer
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, "cpu")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    return Run(cfg, load_tokenizer(cfg.model), model, Strategy(cfg), torch.device("cpu"), output_dir), opt
+
+
+def train_steps(method, run: Run, opt, steps: int) -> list[dict]:
+    """The loop's contract (trainer/methods.py): sum losses over the window, divide by the summed normalizer."""
+    history = []
+    for step in range(1, steps + 1):
+        window = [method.next_batch() for _ in range(run.cfg.train.grad_accum)]
+        norm = sum(method.normalizer(b) for b in window)
+        metrics: dict[str, float] = {}
+        for b in window:
+            out = method.loss(run.model, b)
+            (out.loss_sum / norm).backward()
+            metrics = dict(out.metrics, loss=float(out.loss_sum) / method.normalizer(b))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        metrics.update(method.after_optimizer_step(run, step), step=step)
+        history.append(metrics)
+    return history
+
+
+def _cfg(model_dir: str, tmp_path: Path, *overrides: str):
+    return load_config([f"model.path={model_dir}", "train.method=dpo", "device=cpu", "precision=fp32", "train.seq_len=64",
+                        "dpo.max_prompt_len=48", f"output_dir={tmp_path}", "engine.num_blocks=128", *overrides])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "2+2?", "chosen": "4"}, "row 1: missing 'rejected'"),
+    ({"prompt": "2+2?", "chosen": "4", "rejected": "4"}, "row 1: chosen and rejected are identical"),
+    ({"prompt": "word " * 80, "chosen": "a", "rejected": "b"}, "row 1: prompt is 8"),
+    ({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},
+     "row 1: the prompt's last message is an assistant turn"),
+])
+def test_bad_rows_are_named(tokenizer, row, message):
+    rows = [{"prompt": "1+1?", "chosen": "2", "rejected": "3"}, row]
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?")):
+        encode_pairs(rows, PairEncoder(tokenizer, 48, 64), "pairs.jsonl", "raise")
+    pairs, stats = encode_pairs(rows, PairEncoder(tokenizer, 48, 64), "pairs.jsonl", "skip")
+    assert len(pairs) == 1 and sum(stats.skipped.values()) == 1
+
+
+def test_chat_pairs_train_the_answer_up_to_the_stop_token(tokenizer):
+    row = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4", "rejected": [{"role": "assistant", "content": "5"}]}
+    pair = PairEncoder(tokenizer, 48, 64).encode(row, PairStats())
+    assert tokenizer.decode(pair.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(pair.chosen_ids) == "4<|im_end|>" and tokenizer.decode(pair.rejected_ids) == "5<|im_end|>"
+
+
+def test_long_completions_are_truncated_to_seq_len(tokenizer):
+    pair = PairEncoder(tokenizer, 48, 64).encode({"prompt": "Say:", "chosen": " yes" * 100, "rejected": " no"}, stats := PairStats())
+    assert len(pair.prompt_ids) + len(pair.chosen_ids) == 64 and stats.truncated == 1
+
+
+def test_packed_rows_score_each_document_as_if_alone(tiny_llama_dir):
+    """Packing several chosen/rejected documents into one row changes no document's log-prob."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    docs = [Document(torch.randint(5, 500, (int(p),), generator=g).tolist(), torch.randint(5, 500, (int(c),), generator=g).tolist())
+            for p, c in [(7, 3), (4, 9), (12, 2), (5, 5), (3, 11)]]
+    packed = rows_from_documents(docs, seq_len=40, packing=True)
+    alone = rows_from_documents(docs, seq_len=40, packing=False)
+    assert packed["input_ids"].shape[0] < alone["input_ids"].shape[0]  # it did pack
+    with torch.no_grad():
+        a = sum_by_document(token_logprobs(model, packed)[0], packed["doc_index"], len(docs))
+        b = sum_by_document(token_logprobs(model, alone)[0], alone["doc_index"], len(docs))
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method
+# ---------------------------------------------------------------------------------------------
+def _write_pairs(path: Path, n: int = 24) -> str:
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "chosen": str(i + 1), "rejected": f"no idea {i}"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_reference_options_agree(tiny_llama_dir, tmp_path):
+    """copy, lora_disabled and precomputed are three ways to the same reference log-probs."""
+    data = _write_pairs(tmp_path / "pairs.jsonl")
+    losses = {}
+    for kind in ("lora_disabled", "copy", "precomputed"):
+        cfg = _cfg(tiny_llama_dir, tmp_path / kind, f"data.source={data}", f"dpo.reference={kind}", "train.micro_batch_size=4", "train.lr=1e-2")
+        run, opt = make_run(cfg, tmp_path / kind)
+        method = build_method(cfg)
+        method.setup(run)
+        train_steps(method, run, opt, 2)  # the policy moves away from the reference
+        with torch.no_grad():
+            losses[kind] = float(method.loss(run.model, method.next_batch()).loss_sum)
+    assert losses["copy"] == pytest.approx(losses["lora_disabled"], abs=1e-4)
+    assert losses["precomputed"] == pytest.approx(losses["lora_disabled"], abs=1e-4)
+    assert (tmp_path / "precomputed" / "ref_logps.rank0.pt").is_file()
+
+
+def test_preference_accuracy_rises_on_builtin_pairs(tiny_llama_dir, tmp_path):
+    """arithmetic_pairs from the model's own samples (a random model: reference answers are chosen);
+    held-out preference accuracy climbs and the run ends with a curve."""
+    cfg = _cfg(tiny_llama_dir, tmp_path, "data.source=arithmetic_pairs", "data.num_samples=96", "data.val_fraction=0.25",
+               "dpo.pair_samples=2", "dpo.pair_max_tokens=6", "train.micro_batch_size=8", "train.lr=3e-3", "dpo.beta=0.5")
+    run, opt = make_run(cfg, tmp_path)
+    method = build_method(cfg)
+    method.setup(run)
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert rows and all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in rows)
+    before = method.initial_val["val_accuracy"]
+    history = train_steps(method, run, opt, 12)
+    after = method.evaluate(run)["val_accuracy"]
+    assert after >= before + 0.3, (before, after)
+    assert history[-1]["accuracy"] > history[0]["accuracy"] or history[-1]["accuracy"] == 1.0
+    method.finish(run, history)
+    assert (tmp_path / "preference.png").stat().st_size > 0
