@@ -59,6 +59,8 @@ class LLMEngine:
         if args.sliding_window:  # no sliding-window attention: keep every sequence inside the window
             self.max_model_len = min(self.max_model_len, args.sliding_window)
         self.runner = ModelRunner(path, self.config, self.dtype, self.device, self.max_model_len)
+        # a sequence must always fit in the whole cache, or preemption could never make room for it
+        self.max_model_len = min(self.max_model_len, self.runner.num_blocks * self.config.block_size)
         self.scheduler = Scheduler(self.config, self.runner.num_blocks)
         # skip_tokenizer_init: token ids in, token ids out (benchmarks of random-init models have no tokenizer)
         self.tokenizer = None if skip_tokenizer_init else AutoTokenizer.from_pretrained(tokenizer or path)

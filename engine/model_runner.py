@@ -71,6 +71,7 @@ class ModelRunner:
         rows = min(self.config.max_num_seqs, n_tokens)
         self.model.compute_logits(hidden[:rows]).softmax(-1)  # the sampler's working set
         del hidden
+        torch.cuda.empty_cache()  # so memory the allocator merely caches is not counted as used elsewhere
         free, total = torch.cuda.mem_get_info()
         used_elsewhere = total - free - torch.cuda.memory_allocated()
         budget = total * self.config.gpu_memory_utilization - used_elsewhere - torch.cuda.max_memory_allocated()

@@ -13,6 +13,11 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 
 
+def _precision(q: torch.Tensor) -> str:
+    # fp32 engines are the exact path: keep dot products in full fp32 instead of TF32
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_stride, v_stride,
                      WIDTH: tl.constexpr, BLOCK: tl.constexpr):
@@ -37,7 +42,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_ptr, scale_log2,
                    table_stride, q_stride,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     offs_g = tl.arange(0, GROUP_PAD)
@@ -59,13 +64,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_pt
         kv_offs = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
         start += BLOCK_N
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
@@ -84,7 +89,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_kernel[(num_seqs, num_kv_heads)](
         q, k_cache, v_cache, out, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0), q.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=64,
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=64, PRECISION=_precision(q),
     )
     return out
 
@@ -93,7 +98,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_ptr, cu_q_ptr, scale_log2,
                     table_stride, q_stride,
                     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -123,7 +128,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_p
         kv_offs = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         visible = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -131,7 +136,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_p
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
         start += BLOCK_N
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
@@ -151,6 +156,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q, scale * _LOG2E, block_tables.stride(0), q.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64, PRECISION=_precision(q),
     )
     return out
