@@ -49,7 +49,8 @@ def filter_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: t
         drop = ranks[None, :] >= k[:, None]
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens ranked before it already reach top_p (always keep the first)
-        drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+        # (rows without top_p skip this: an fp32 cumsum over a large vocabulary can round up to 1 early)
+        drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     if bool((min_p > 0).any()):
