@@ -172,7 +172,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    precision: Literal["bf16", "fp32", "fp8"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32", "fp8"] = "auto"  # auto: bf16 on a GPU that supports it, else fp32 (resolved at load)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "runs/default"
     seed: int = 0
@@ -436,6 +436,10 @@ def _build_section(name: str, cls: type, values: dict[str, Any], all_keys: list[
 
 def validate(cfg: Config) -> Config:
     """Cross-field rules: every section's ``check(cfg)``, then the global ones."""
+    if cfg.precision == "auto":
+        # resolved first so every check (and the saved config) sees what will run; an explicit
+        # precision=bf16 on CPU means CPU bf16 autocast, which auto never picks (slow without AMX)
+        cfg.precision = _auto_precision(cfg)
     for name in list(typing.get_type_hints(Config)) + list(SECTIONS):
         sec = getattr(cfg, name, None)
         if dataclasses.is_dataclass(sec) and hasattr(sec, "check"):
@@ -448,6 +452,14 @@ def validate(cfg: Config) -> Config:
         if not torch.cuda.is_bf16_supported():
             raise ConfigError("precision=bf16 needs a GPU with bfloat16 support; use precision=fp32")
     return cfg
+
+
+def _auto_precision(cfg: Config) -> str:
+    if resolve_device(cfg) != "cuda":
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
 
 
 def _require_fp8_gpu(cfg: Config) -> None:

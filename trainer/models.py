@@ -189,6 +189,16 @@ def build_model(cfg: Config, device: str | torch.device = "cpu"):
     return model
 
 
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """The dtype NF4 weights are dequantized to for their matmuls: ``quant.compute_dtype``, except
+    fp32 on a CPU run without ``precision=bf16`` (CPU bf16 matmuls outside autocast are ~50x slower)."""
+    from trainer.config import resolve_device
+
+    if resolve_device(cfg) == "cpu" and cfg.precision not in ("bf16", "fp8"):
+        return torch.float32
+    return TORCH_DTYPES[cfg.quant.compute_dtype]
+
+
 def bnb_config(cfg: Config):
     from transformers import BitsAndBytesConfig
 
@@ -197,7 +207,7 @@ def bnb_config(cfg: Config):
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=TORCH_DTYPES[q.compute_dtype],
+        bnb_4bit_compute_dtype=compute_dtype(cfg),
         bnb_4bit_quant_storage={"uint8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}[q.quant_storage],
     )
 
@@ -214,7 +224,7 @@ def quantize_model_nf4(model, cfg: Config):
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
                 new = bnb.nn.Linear4bit(
                     child.in_features, child.out_features, bias=child.bias is not None,
-                    compute_dtype=TORCH_DTYPES[q.compute_dtype], compress_statistics=q.double_quant,
+                    compute_dtype=compute_dtype(cfg), compress_statistics=q.double_quant,
                     quant_type=q.quant_type, quant_storage=storage,
                 )
                 new.weight = bnb.nn.Params4bit(child.weight.data.float().contiguous(), requires_grad=False, quant_type=q.quant_type,
