@@ -412,14 +412,17 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+TEXT_COLUMNS = {"shape", "method", "side", "baseline", "op", "case"}
+
+
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]], notes: list[str] = ()) -> None:
     """A rich table of ``rows`` with ``columns`` as (key, header); notes print under it."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for _, header in columns:
-        table.add_column(header, justify="left" if header[:1].isalpha() and header in ("case", "side", "shape", "method") else "right")
+    for key, header in columns:
+        table.add_column(header, justify="left" if key in TEXT_COLUMNS else "right")
     for row in rows:
         table.add_row(*(fmt(row.get(key)) for key, _ in columns))
     console = Console(width=max(120, Console().width))
