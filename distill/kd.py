@@ -98,8 +98,8 @@ class DistillMethod(Method):
 
                 prune_every_k(resolve_model_path(d.teacher), d.keep_every_k, out)
             run.strategy.barrier()
-            if not self.cfg.resume:  # a resumed run's weights come from its checkpoint
-                load_warm_start(run.unwrapped, out, d.teacher)
+            # on resume the trainer restores the checkpoint's weights after setup, over this warm start
+            load_warm_start(run.unwrapped, out, d.teacher)
         elif not (out / "config.json").exists():
             run.strategy.save_pretrained(run.model, out)
             if run.strategy.is_main:
