@@ -80,7 +80,9 @@ class FSDP2Strategy(DistributedStrategy):
     # --- checkpoints ---------------------------------------------------------------------------
     def _options(self, model: torch.nn.Module) -> StateDictOptions:
         # a LoRA base is reloaded from model.path on resume; only trained weights are checkpointed
-        return StateDictOptions(ignore_frozen_params=is_peft(model))
+        # (and loading must then not demand the frozen ones)
+        peft = is_peft(model)
+        return StateDictOptions(ignore_frozen_params=peft, strict=not peft)
 
     def wait_for_checkpoint(self) -> None:
         if self._pending_save is not None:

@@ -173,10 +173,11 @@ class ZeroStrategy(DistributedStrategy):
             import deepspeed
 
             params = [p for p in model.module.parameters() if p.requires_grad]
+            # rank 0 loads into the gathered tensors; leaving the context re-partitions them to all ranks
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
                 if self.is_main:
                     load_trainable_weights(model.module, directory)
-            return
-        load_trainable_weights(model.module, directory)
-        # ZeRO-1/2 step fp32 master partitions inside the optimizer: copy the loaded weights into them
+        else:
+            load_trainable_weights(model.module, directory)
+        # the optimizer steps its own fp32 master partitions: copy the loaded weights into them
         model.optimizer.refresh_fp32_params()

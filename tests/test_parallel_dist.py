@@ -5,8 +5,8 @@ loop written against the Strategy interface only (the same calls the Trainer mak
 midway, finishes, then reloads the checkpoint into a fresh model and replays the second half.
 The test asserts that
 
-  * the loss curve equals the single-process curve (rtol 1e-4: fp32 on CPU, only the reduction
-    order differs),
+  * the loss curve equals the single-process one (rtol 1e-5: fp32 on CPU, only the order of the
+    cross-rank sums differs; observed differences are ~1e-7) and so do the gradient norms (rtol 1e-4),
   * the replay after resume is exact (rtol 1e-6),
   * the consolidated export loads with transformers / PEFT and reproduces the trained model.
 """
@@ -47,7 +47,7 @@ def batches(step: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (GLOBAL_BATCH, SEQ), generator=g)
 
 
-def train_steps(strategy, model, optimizer, steps: range, vocab: int) -> list[float]:
+def train_steps(strategy, model, optimizer, steps: range, vocab: int, grad_norms: list | None = None) -> list[float]:
     """The Trainer's contract in miniature: loss sums / global normalizer, accumulation, clipping."""
     losses = []
     rank, world = strategy.rank, strategy.world_size
@@ -64,7 +64,9 @@ def train_steps(strategy, model, optimizer, steps: range, vocab: int) -> list[fl
                 loss = loss_sum / normalizer
                 strategy.backward(loss, model)
                 total += loss.detach()
-        strategy.clip_grad_norm(model, 1.0)
+        norm = strategy.clip_grad_norm(model, 1.0)
+        if grad_norms is not None:
+            grad_norms.append(norm)
         strategy.optimizer_step(model, optimizer)
         losses.append(float(strategy.all_reduce_sum(total)))
     return losses
@@ -80,27 +82,28 @@ def run_case(model_dir: str, strategy_name: str, mode: str, out_dir: Path) -> di
     make_opt = lambda ps: torch.optim.AdamW(ps, lr=1e-3)  # noqa: E731
 
     def fresh():
+        torch.manual_seed(cfg.seed)  # as the Trainer does on every rank: identical LoRA initialisation
         return strategy.wrap(build_model(cfg, "cpu"), make_opt)
 
     model, opt = fresh()
     vocab = strategy.unwrap(model).config.vocab_size
-    losses = train_steps(strategy, model, opt, range(SAVE_AT), vocab)
+    norms: list[float] = []
+    losses = train_steps(strategy, model, opt, range(SAVE_AT), vocab, norms)
     ckpt = out_dir / "ckpt"
     ckpt.mkdir(parents=True, exist_ok=True)
     strategy.barrier()
+    # what trainer.checkpoint does: the exported model, then the strategy's own state
+    strategy.save_pretrained(model, ckpt / "model")
     strategy.save_state(ckpt, model, opt)
-    if strategy_name == "single":  # the single strategy checkpoints only the optimizer; weights go via export
-        strategy.save_pretrained(model, ckpt / "weights")
-    losses += train_steps(strategy, model, opt, range(SAVE_AT, STEPS), vocab)
+    losses += train_steps(strategy, model, opt, range(SAVE_AT, STEPS), vocab, norms)
     strategy.save_pretrained(model, out_dir / "export")
     # resume into a fresh model and replay the second half
     model, opt = fresh()
-    if strategy_name == "single":
-        strategy.load_model_weights(model, ckpt / "weights")
+    strategy.load_model_weights(model, ckpt / "model")
     strategy.load_state(ckpt, model, opt)
     resumed = train_steps(strategy, model, opt, range(SAVE_AT, STEPS), vocab)
     strategy.barrier()
-    return {"losses": losses, "resumed": resumed}
+    return {"losses": losses, "grad_norms": norms, "resumed": resumed}
 
 
 def run_worker(model_dir: str, out: str, cases: str) -> None:
@@ -158,7 +161,10 @@ def results(tiny_llama_dir, tmp_path_factory):
 def test_two_ranks_match_single_process(strategy, mode, results, tiny_llama_dir):
     reference, _ = results("one", "single", mode)
     result, case_dir = results("two", strategy, mode)
-    assert result["losses"] == pytest.approx(reference["losses"], rel=1e-4)
+    assert result["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    # Adam is blind to a wrong gradient scale (e.g. averaging instead of summing over ranks); the norm is
+    # not. DeepSpeed ZeRO-1/2 compute it their own way over flat partitions: ~2e-5 off, hence 1e-4.
+    assert result["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-4)
     assert reference["losses"][-1] < reference["losses"][0]  # it actually trained
     assert result["resumed"] == pytest.approx(result["losses"][SAVE_AT:], rel=1e-6)
     _check_export(case_dir / "export", tiny_llama_dir, mode)
