@@ -58,3 +58,16 @@ def test_evaluate_model_syncs_live_peft_weights(tiny_llama_dir):
     with torch.no_grad():
         ref = merged(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).mean()
     assert perplexity(llm, text)["nll"] == pytest.approx(-ref.item(), abs=1e-4)
+
+
+def test_eval_cli_takes_an_adapter_dir_as_model_path(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                           LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")  # adapter_config.json names the base directory
+    code = main([f"model.path={tmp_path / 'adapter'}", "eval.num_task_samples=2", f"output_dir={tmp_path}", "engine.num_blocks=64"])
+    assert code == 0
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert results["adapter"] == str(tmp_path / "adapter")
