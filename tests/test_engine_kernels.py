@@ -82,7 +82,28 @@ def check_store() -> None:
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-CHECKS = {"decode": check_decode, "prefill": check_prefill, "store": check_store}
+def check_engine() -> None:
+    """The whole engine on the Triton backend (prefix hits, chunks, decode) equals the torch backend."""
+    import tempfile
+
+    from engine import LLM, SamplingParams
+    from tests.conftest import make_tiny_model_dir
+
+    path = make_tiny_model_dir(Path(tempfile.mkdtemp()), "qwen3", num_hidden_layers=1)
+    shared = list(range(5, 14))
+    prompts = [shared + [20], [100, 200, 300], shared + [30, 31, 32]]
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    runs = []
+    for backend in ("torch", "triton"):
+        llm = LLM(path, dtype="fp32", block_size=4, num_blocks=32, max_num_batched_tokens=8, attention_backend=backend,
+                  skip_tokenizer_init=True)
+        llm.generate(prompts[:1], params)  # fills the prefix cache for the next call
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        assert llm.stats()["prefix_hits"] > 0
+    assert runs[0] == runs[1], runs
+
+
+CHECKS = {"decode": check_decode, "prefill": check_prefill, "store": check_store, "engine": check_engine}
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
