@@ -124,3 +124,19 @@ def test_config_errors_name_the_key():
         load_config(["train.method=distill", "lora.enabled=false", "distill.jsd_beta=1.0"])
     with pytest.raises(ConfigError, match="prune_every_k.*lora.enabled=false"):
         load_config(["train.method=distill", "distill.student=prune_every_k"])
+
+
+def test_nf4_teacher_is_quantized_and_gives_nearly_the_same_distribution(tmp_path, teacher_dir):
+    from distill.teacher import final_hidden_states, load_teacher, output_head
+
+    cfg = _cfg(tmp_path, teacher_dir, "distill.teacher_quant=nf4", "quant.compute_dtype=fp32")
+    nf4 = load_teacher(cfg, torch.device("cpu"))
+    full = load_teacher(_cfg(tmp_path, teacher_dir), torch.device("cpu"))
+    assert any("Linear4bit" in type(m).__name__ for m in nf4.modules())
+    assert not any(p.requires_grad for p in nf4.parameters())
+    ids = torch.randint(0, 1000, (1, 12))
+    batch = {"input_ids": ids, "position_ids": torch.arange(12)[None]}
+    with torch.no_grad():
+        p_nf4 = torch.softmax(output_head(nf4)(final_hidden_states(nf4, nf4, batch)).float(), -1)
+        p_full = torch.softmax(output_head(full)(final_hidden_states(full, full, batch)).float(), -1)
+    assert (p_nf4 - p_full).abs().sum(-1).max() < 0.5  # total variation: close, though 4-bit weights are not exact
