@@ -167,10 +167,14 @@ def _search_scale(x: torch.Tensor, linears: list[nn.Linear], inspect: Callable[[
         reference = inspect(x)
         originals = [m.weight.detach().clone() for m in linears]
         best, best_s = float("inf"), torch.ones_like(x_mean)
+        # s = 1 (plain round-to-nearest) is scored first, so the search never does worse than RTN
+        # on its own objective; AutoAWQ's grid alone does not contain it.
+        candidates = [torch.ones_like(x_mean)]
         for i in range(n_grid):
             alpha = i / n_grid
             s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
+            candidates.append(s / (s.max() * s.min()).sqrt())
+        for s in candidates:
             for m, orig in zip(linears, originals):
                 m.weight.copy_(fake_quantize(orig * s, group) / s)
             loss = (inspect(x) - reference).float().pow(2).mean().item()

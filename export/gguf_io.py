@@ -195,5 +195,5 @@ def read_gguf_adapter(path: str | Path, base_cfg: dict) -> tuple[float, dict[str
         b = ab["lora_b"]
         if (n := heads_for(base, base_cfg)) is not None:
             b = unpermute_heads(b, n)
-        out[to_hf_name(base).removesuffix(".weight")] = (torch.from_numpy(ab["lora_a"].copy()), torch.from_numpy(np.ascontiguousarray(b)))
+        out[to_hf_name(base).removesuffix(".weight")] = (torch.from_numpy(np.array(ab["lora_a"])), torch.from_numpy(np.array(b)))
     return alpha, out
