@@ -56,8 +56,6 @@ def overrides(spec: dict[str, Any]) -> list[str]:
 
 
 def run_training(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
     common.reset_peak_memory()
     run = common.run_crucible(overrides(spec), spec["warmup"], spec["steps"])
     times, tokens = run["times"][spec["warmup"]:], run["tokens"][spec["warmup"]:]
@@ -70,14 +68,11 @@ def run_training(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["case"] == "kd-online":  # the teacher stays resident: bf16 weights on GPU
         from transformers import AutoConfig
 
-        from bench.common import parameter_counts
-
-        params = parameter_counts(AutoConfig.from_pretrained(spec["teacher_dir"]))["total"]
+        params = common.parameter_counts(AutoConfig.from_pretrained(spec["teacher_dir"]))["total"]
         teacher_gib = params * (2 if spec["device"] == "cuda" else 4) / common.GIB
         row["teacher_weights_gib"] = teacher_gib
         if row["peak_mem_gib"] is not None:
             row["peak_minus_teacher_gib"] = row["peak_mem_gib"] - teacher_gib
-    del torch
     return row
 
 
