@@ -24,7 +24,7 @@ def _problem(n=300, hidden=32, vocab=1000, seed=0):
     return h, y, head
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 299, 300, 1000])
+@pytest.mark.parametrize("chunk", [16, 64, 299, 300, 1000])
 def test_chunked_equals_plain_loss_and_grads(chunk):
     h, y, head = _problem()
     ref = cross_entropy_sum(h, y, head)

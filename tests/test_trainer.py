@@ -162,3 +162,27 @@ def test_cpu_bf16_autocast_and_dora_train(tiny_llama_dir, tmp_path):
                    "eval.every_n_steps=0", "checkpoint.save_final=false", "train.lr=3e-3")
     history = losses(Trainer(cfg).train())
     assert history[8] < history[1]
+
+
+def test_wandb_mode_is_offline_without_a_key(monkeypatch, tmp_path):
+    from trainer.metrics import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    assert wandb_mode("disabled") == "disabled"
+
+
+def test_wandb_offline_run_logs_config_and_metrics(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    cfg = tiny_cfg(tiny_llama_dir, out, "train.max_steps=2", "eval.every_n_steps=0", "checkpoint.save_final=false",
+                   "wandb.enabled=true", "wandb.name=unit", "wandb.tags=a,b")
+    Trainer(cfg).train()
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

@@ -172,10 +172,12 @@ class Trainer(Stateful):
         tokens = 0
         for i, batch in enumerate(batches):
             batch = _to_device(batch, self.device)
-            with s.no_sync(self.model, is_last_micro_batch=i == len(batches) - 1), self.autocast():
-                out = m.loss(self.model, batch)
-            loss = out.loss_sum / max(normalizer, 1.0)
-            s.backward(loss, self.model)
+            # backward inside no_sync too: FSDP2 decides in its backward hooks whether to reduce-scatter
+            with s.no_sync(self.model, is_last_micro_batch=i == len(batches) - 1):
+                with self.autocast():
+                    out = m.loss(self.model, batch)
+                loss = out.loss_sum / max(normalizer, 1.0)
+                s.backward(loss, self.model)
             loss_total += loss.detach().double().cpu()
             tokens += out.num_tokens
             for k, v in out.metrics.items():
