@@ -20,6 +20,9 @@ class Strategy:
     """Single process, one device. Subclasses override what sharding changes."""
 
     name = "single"
+    # Every forward is a collective (parameters are all-gathered per layer): all ranks must run the
+    # same number of forwards, e.g. evaluate min-over-ranks batches (see ``all_reduce_min``).
+    lockstep_forward = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -87,6 +90,9 @@ class Strategy:
     # --- collectives -------------------------------------------------------------------------
     def all_reduce_sum(self, value: torch.Tensor | float) -> torch.Tensor:
         return torch.as_tensor(value, dtype=torch.float64)
+
+    def all_reduce_min(self, value: int | float) -> float:
+        return float(value)
 
     def broadcast_object(self, obj: Any) -> Any:
         return obj

@@ -77,6 +77,12 @@ class DistributedStrategy(Strategy):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu()
 
+    def all_reduce_min(self, value: int | float) -> float:
+        t = torch.tensor(float(value), dtype=torch.float64, device=self.comm_device)
+        with self._collective("all_reduce_min"):
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return float(t)
+
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj]
         with self._collective("broadcast_object"):

@@ -27,6 +27,7 @@ SHARDED_DIR = "sharded"
 
 class FSDP2Strategy(DistributedStrategy):
     name = "fsdp2"
+    lockstep_forward = True
 
     def __init__(self, cfg):
         super().__init__(cfg)

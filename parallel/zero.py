@@ -65,6 +65,7 @@ class ZeroStrategy(DistributedStrategy):
         super().__init__(cfg)
         self.name = cfg.parallel.strategy
         self.stage = int(self.name[-1])
+        self.lockstep_forward = self.stage == 3
         self._stepped = False
 
     def ds_config(self) -> dict[str, Any]:
