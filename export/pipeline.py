@@ -75,8 +75,16 @@ def atomic_output(final: Path, is_dir: bool, overwrite: bool):
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
+def _artifact_name(path: str) -> str:
+    """The run's name for <run>/final or <run>/checkpoints/step-N/model, else the directory's own."""
+    p = Path(path)
+    while p.name in ("model", "final", "checkpoints") or p.name.startswith("step-"):
+        p = p.parent
+    return p.name or "model"
+
+
 def output_path(cfg: Config, src: Source) -> Path:
-    name = cfg.export.name or Path(src.path).name
+    name = cfg.export.name or _artifact_name(src.path)
     root = Path(cfg.output_dir) if cfg.output_dir != "runs/default" else Path("exports")
     if cfg.format == "gguf":
         return root / f"{name}-{cfg.gguf.type}.gguf"
