@@ -115,3 +115,30 @@ def test_report_names_every_row_and_assumption():
     for name, _ in est.rows:
         assert name in text
     assert "sharded" in text and "LoRA r=16" in text
+
+
+@pytest.mark.parametrize("arch,lora", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_model_state_rows_equal_real_tensors_after_a_step(arch, lora):
+    """Weights, gradients and AdamW states of a real model after one step, byte for byte."""
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    hf = cls(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+             vocab_size=200, tie_word_embeddings=arch == "llama")
+    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    cfg = _cfg(device="cpu", precision="fp32", lora__enabled=lora, lora__rank=4)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=list(cfg.lora.target_modules)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable)
+    ids = torch.randint(0, 200, (1, 8))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    rows = dict(estimate_memory(cfg, hf, 1).rows)
+    assert rows["trainable weights (fp32)"] == nbytes(trainable)
+    assert rows["gradients (fp32)"] == nbytes(p.grad for p in trainable)
+    states = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
+    assert rows["optimizer: Adam states"] == nbytes(states)
+    if lora:
+        assert rows["frozen base weights"] == nbytes(p for p in model.parameters() if not p.requires_grad)

@@ -142,9 +142,10 @@ def estimate_memory(cfg, hf_config, world_size: int = 1) -> MemoryEstimate:
     strategy = cfg.parallel.strategy
     n = max(1, world_size) if strategy != "single" else 1
     on_gpu = resolve_device(cfg) == "cuda"
-    mixed = on_gpu and cfg.precision in ("bf16", "fp8")
+    autocast = cfg.precision in ("bf16", "fp8")  # the trainer autocasts to bf16 on any device
+    mixed = on_gpu and autocast  # bf16 *storage* (LoRA base, DeepSpeed model, FSDP2 gathers) only on GPU
     deepspeed = strategy.startswith("zero")
-    act_bytes = 2 if mixed else 4
+    act_bytes = 2 if autocast else 4
     shard_w, shard_g, shard_o = _sharding(strategy)
     per = lambda sharded: 1 / n if sharded else 1.0  # noqa: E731
     eight_bit = "8bit" in cfg.train.optimizer
@@ -200,14 +201,14 @@ def estimate_memory(cfg, hf_config, world_size: int = 1) -> MemoryEstimate:
         rows.append((f"gathered weights (root + {live_layers} layers)", gathered))
         notes.append("sharded weights: the root (embeddings, head) plus the current and prefetched layer are unsharded at once"
                      if live_layers == 2 else "fsdp2 reshard_after_forward=false: every layer stays gathered from forward to backward")
-    elif mixed and not lora and not deepspeed:
+    elif autocast and not qlora and not (mixed and (lora or deepspeed)):
         rows.append(("autocast bf16 weight copies", 2 * psi))
-        notes.append("bf16 autocast caches a bf16 copy of every fp32 weight for the whole forward/backward")
+        notes.append("bf16 autocast of fp32 weights: each linear keeps its bf16 weight copy for the backward")
 
     # Activations.
     mult = 2 if cfg.train.method == "dpo" else 1  # chosen + rejected in one micro-batch
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len * mult
-    full_layer = shape.activation_bytes_per_token(mixed, lora) * tokens
+    full_layer = shape.activation_bytes_per_token(autocast, lora) * tokens
     boundary = shape.hidden * tokens * act_bytes  # a checkpointed layer keeps only its input
     mode = cfg.train.activation_checkpointing
     from parallel.activation import checkpointed_layer_indices
