@@ -10,41 +10,20 @@ import torch
 from alignment.pairs import PairEncoder, PairStats, encode_pairs
 from alignment.sequences import Document, rows_from_documents, sum_by_document, token_logprobs
 from trainer.config import ConfigError, load_config
-from trainer.methods import Run, build_method
 
 
-def make_run(cfg, output_dir: Path) -> tuple[Run, torch.optim.Optimizer]:
-    """What the Trainer hands a method: tokenizer, model (LoRA per cfg), strategy, device, output dir."""
-    from parallel.base import Strategy
-    from trainer.models import build_model, load_tokenizer
+def train(cfg):
+    """The real loop (trainer/trainer.py) with this config; returns the trainer and its logged history."""
+    from trainer.trainer import Trainer
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, "cpu")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
-    return Run(cfg, load_tokenizer(cfg.model), model, Strategy(cfg), torch.device("cpu"), output_dir), opt
-
-
-def train_steps(method, run: Run, opt, steps: int) -> list[dict]:
-    """The loop's contract (trainer/methods.py): sum losses over the window, divide by the summed normalizer."""
-    history = []
-    for step in range(1, steps + 1):
-        window = [method.next_batch() for _ in range(run.cfg.train.grad_accum)]
-        norm = sum(method.normalizer(b) for b in window)
-        metrics: dict[str, float] = {}
-        for b in window:
-            out = method.loss(run.model, b)
-            (out.loss_sum / norm).backward()
-            metrics = dict(out.metrics, loss=float(out.loss_sum) / method.normalizer(b))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        metrics.update(method.after_optimizer_step(run, step), step=step)
-        history.append(metrics)
-    return history
+    trainer = Trainer(cfg)
+    return trainer, trainer.train()
 
 
 def _cfg(model_dir: str, tmp_path: Path, *overrides: str):
     return load_config([f"model.path={model_dir}", "train.method=dpo", "device=cpu", "precision=fp32", "train.seq_len=64",
-                        "dpo.max_prompt_len=48", f"output_dir={tmp_path}", "engine.num_blocks=128", *overrides])
+                        "dpo.max_prompt_len=48", f"output_dir={tmp_path}", "engine.num_blocks=128", "train.scheduler=constant",
+                        "checkpoint.save_final=false", *overrides])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,13 +94,11 @@ def test_reference_options_agree(tiny_llama_dir, tmp_path):
     data = _write_pairs(tmp_path / "pairs.jsonl")
     losses = {}
     for kind in ("lora_disabled", "copy", "precomputed"):
-        cfg = _cfg(tiny_llama_dir, tmp_path / kind, f"data.source={data}", f"dpo.reference={kind}", "train.micro_batch_size=4", "train.lr=1e-2")
-        run, opt = make_run(cfg, tmp_path / kind)
-        method = build_method(cfg)
-        method.setup(run)
-        train_steps(method, run, opt, 2)  # the policy moves away from the reference
+        cfg = _cfg(tiny_llama_dir, tmp_path / kind, f"data.source={data}", f"dpo.reference={kind}", "train.micro_batch_size=4",
+                   "train.lr=1e-2", "train.max_steps=2")
+        trainer, _ = train(cfg)  # the policy moves away from the reference
         with torch.no_grad():
-            losses[kind] = float(method.loss(run.model, method.next_batch()).loss_sum)
+            losses[kind] = float(trainer.method.loss(trainer.model, trainer.method.next_batch()).loss_sum)
     assert losses["copy"] == pytest.approx(losses["lora_disabled"], abs=1e-4)
     assert losses["precomputed"] == pytest.approx(losses["lora_disabled"], abs=1e-4)
     assert (tmp_path / "precomputed" / "ref_logps.rank0.pt").is_file()
@@ -131,16 +108,13 @@ def test_preference_accuracy_rises_on_builtin_pairs(tiny_llama_dir, tmp_path):
     """arithmetic_pairs from the model's own samples (a random model: reference answers are chosen);
     held-out preference accuracy climbs and the run ends with a curve."""
     cfg = _cfg(tiny_llama_dir, tmp_path, "data.source=arithmetic_pairs", "data.num_samples=96", "data.val_fraction=0.25",
-               "dpo.pair_samples=2", "dpo.pair_max_tokens=6", "train.micro_batch_size=8", "train.lr=3e-3", "dpo.beta=0.5")
-    run, opt = make_run(cfg, tmp_path)
-    method = build_method(cfg)
-    method.setup(run)
+               "dpo.pair_samples=2", "dpo.pair_max_tokens=6", "train.micro_batch_size=8", "train.lr=3e-3", "dpo.beta=0.5",
+               "train.max_steps=12")
+    trainer, history = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert rows and all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in rows)
-    before = method.initial_val["val_accuracy"]
-    history = train_steps(method, run, opt, 12)
-    after = method.evaluate(run)["val_accuracy"]
+    before, after = trainer.method.initial_val["val_accuracy"], history[-1]["val_accuracy"]
     assert after >= before + 0.3, (before, after)
-    assert history[-1]["accuracy"] > history[0]["accuracy"] or history[-1]["accuracy"] == 1.0
-    method.finish(run, history)
+    train_acc = [r["accuracy"] for r in history if "accuracy" in r]
+    assert sum(train_acc[-3:]) / 3 > sum(train_acc[:3]) / 3
     assert (tmp_path / "preference.png").stat().st_size > 0
