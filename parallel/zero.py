@@ -106,22 +106,21 @@ class ZeroStrategy(DistributedStrategy):
         model.backward(loss * self.loss_scale, scale_wrt_gas=False)
 
     def clip_grad_norm(self, model, max_norm: float) -> float:
-        self._step(model)
-        norm = model.get_global_grad_norm()
-        value = float(norm) if norm is not None else 0.0
-        return value
+        return self._step(model)  # max_norm is already in the DeepSpeed config (gradient_clipping)
 
     def optimizer_step(self, model, optimizer: torch.optim.Optimizer) -> None:
         if not self._stepped:
             self._step(model)
         self._stepped = False
 
-    def _step(self, model) -> None:
-        model.step()  # clips (gradient_clipping), steps and zeroes the gradients
+    def _step(self, model) -> float:
+        model.step()  # clips, steps and zeroes the gradients
         norm = model.get_global_grad_norm()
-        self.guard.observe_grad_norm(float(norm) if norm is not None else 0.0)
+        norm = float(norm) if norm is not None else 0.0
+        self.guard.observe_grad_norm(norm)
         self.guard.check(self.rank)
         self._stepped = True
+        return norm
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_state(self, directory: Path, model, optimizer: torch.optim.Optimizer) -> None:

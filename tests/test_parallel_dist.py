@@ -7,7 +7,8 @@ The test asserts that
 
   * the loss curve equals the single-process one (rtol 1e-5: fp32 on CPU, only the order of the
     cross-rank sums differs; observed differences are ~1e-7) and so do the gradient norms (rtol 1e-4),
-  * the replay after resume is exact (rtol 1e-6),
+  * the replay after resume is exact (rtol 1e-6), and FSDP2 also resumes a 2-rank checkpoint in
+    one process (DCP reshards to the new world size),
   * the consolidated export loads with transformers / PEFT and reproduces the trained model.
 """
 from __future__ import annotations
@@ -106,6 +107,21 @@ def run_case(model_dir: str, strategy_name: str, mode: str, out_dir: Path) -> di
     return {"losses": losses, "grad_norms": norms, "resumed": resumed}
 
 
+def resume_case(model_dir: str, mode: str, ckpt: Path) -> dict:
+    """FSDP2 on this world size, resumed from a checkpoint written by another world size (DCP reshards)."""
+    from parallel.base import build_strategy
+    from trainer.models import build_model
+
+    cfg = worker_config(model_dir, "fsdp2", mode)
+    strategy = build_strategy(cfg)
+    strategy.setup()
+    torch.manual_seed(cfg.seed)
+    model, opt = strategy.wrap(build_model(cfg, "cpu"), lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    strategy.load_model_weights(model, ckpt / "model")
+    strategy.load_state(ckpt, model, opt)
+    return {"resumed": train_steps(strategy, model, opt, range(SAVE_AT, STEPS), strategy.unwrap(model).config.vocab_size)}
+
+
 def run_worker(model_dir: str, out: str, cases: str) -> None:
     """Run every ``strategy:mode`` case in this process group (imports and rendezvous are paid once)."""
     import traceback
@@ -114,8 +130,12 @@ def run_worker(model_dir: str, out: str, cases: str) -> None:
     for case in cases.split(","):
         strategy, mode = case.split(":")
         out_dir = Path(out) / f"{strategy}-{mode}"
+        out_dir.mkdir(parents=True, exist_ok=True)
         try:
-            result = run_case(model_dir, strategy, mode, out_dir)
+            if strategy == "fsdp2-resume":  # from the 2-rank run's checkpoint, a sibling of this run's dir
+                result = resume_case(model_dir, mode, Path(out).parent / "two" / f"fsdp2-{mode}" / "ckpt")
+            else:
+                result = run_case(model_dir, strategy, mode, out_dir)
         except Exception:  # reported by the test that owns this case; the others still run
             result = {"error": traceback.format_exc()}
         if rank == 0:
@@ -146,7 +166,7 @@ def results(tiny_llama_dir, tmp_path_factory):
     pytest.importorskip("bitsandbytes")
     out = tmp_path_factory.mktemp("dist")
     _launch(tiny_llama_dir, out / "two", 2, CASES)
-    _launch(tiny_llama_dir, out / "one", 1, [("single", m) for m in ("full", "lora", "qlora")])
+    _launch(tiny_llama_dir, out / "one", 1, [("single", m) for m in ("full", "lora", "qlora")] + [("fsdp2-resume", "lora")])
 
     def read(kind: str, strategy: str, mode: str) -> tuple[dict, Path]:
         case_dir = out / kind / f"{strategy}-{mode}"
@@ -168,6 +188,12 @@ def test_two_ranks_match_single_process(strategy, mode, results, tiny_llama_dir)
     assert reference["losses"][-1] < reference["losses"][0]  # it actually trained
     assert result["resumed"] == pytest.approx(result["losses"][SAVE_AT:], rel=1e-6)
     _check_export(case_dir / "export", tiny_llama_dir, mode)
+
+
+def test_fsdp2_resumes_on_a_different_world_size(results):
+    two_ranks, _ = results("two", "fsdp2", "lora")
+    one_rank, _ = results("one", "fsdp2-resume", "lora")
+    assert one_rank["resumed"] == pytest.approx(two_ranks["losses"][SAVE_AT:], rel=1e-5)
 
 
 def _check_export(export: Path, base_dir: str, mode: str) -> None:

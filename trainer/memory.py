@@ -14,7 +14,6 @@ On CPU (fp32 everywhere) DeepSpeed keeps no separate master copy: (4 + 4 + 8/N)Î
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 GiB = 1024**3
@@ -235,16 +234,3 @@ def estimate_memory(cfg, hf_config, world_size: int = 1) -> MemoryEstimate:
     total = sum(b for _, b in rows)
     return MemoryEstimate(rows=rows, total=total, assumptions=notes)
 
-
-def estimate_for_config(cfg, world_size: int | None = None) -> MemoryEstimate:
-    """``estimate_memory`` with the model's HF config resolved from ``cfg.model`` (no weights loaded)."""
-    import os
-
-    from trainer.models import model_config
-
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
-    return estimate_memory(cfg, model_config(cfg.model), world_size)
-
-
-def bytes_to_gib(b: float) -> float:
-    return b / GiB if math.isfinite(b) else b
