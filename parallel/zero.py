@@ -9,7 +9,8 @@ with offload DeepSpeed's CPU Adam runs the step on the host.
 Gradient accumulation: the loop marks the last micro-batch through ``no_sync``; DeepSpeed reduces
 gradients only at that boundary. Clipping happens inside ``engine.step()``, so the gradient norm
 exists only after the step: ``clip_grad_norm`` takes the step and ``optimizer_step`` then finds
-nothing left to do.
+nothing left to do. (So under ZeRO a non-finite gradient norm is reported after it was applied;
+the first-step guard still refuses a non-finite or all-zero loss before the first step.)
 """
 from __future__ import annotations
 
@@ -114,13 +115,12 @@ class ZeroStrategy(DistributedStrategy):
         self._stepped = False
 
     def _step(self, model) -> float:
+        # only the loss can be checked before the step: DeepSpeed computes the norm inside it
+        self.guard.check(self.rank)
         model.step()  # clips, steps and zeroes the gradients
         norm = model.get_global_grad_norm()
-        norm = float(norm) if norm is not None else 0.0
-        self.guard.observe_grad_norm(norm)
-        self.guard.check(self.rank)
         self._stepped = True
-        return norm
+        return float(norm) if norm is not None else 0.0
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_state(self, directory: Path, model, optimizer: torch.optim.Optimizer) -> None:
