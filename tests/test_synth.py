@@ -142,13 +142,13 @@ def test_generate_cli_runs_the_engine_and_writes_rows_and_summary(tmp_path, tiny
     from launch.generate import main
 
     out = tmp_path / "synth.jsonl"
-    rc = main([f"synth.teacher={tiny_llama_dir}", f"synth.output={out}", "synth.num_instructions=3", "synth.num_arithmetic=3",
-               "synth.max_instruction_tokens=12", "synth.max_response_tokens=6", "synth.min_instruction_chars=1", "engine.num_blocks=64"])
+    rc = main([f"synth.teacher={tiny_llama_dir}", f"synth.output={out}", "synth.num_instructions=2", "synth.num_arithmetic=2",
+               "synth.max_instruction_tokens=8", "synth.max_response_tokens=4", "synth.min_instruction_chars=1", "engine.num_blocks=64"])
     summary = json.loads(out.with_suffix(".summary.json").read_text())
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rc == (0 if rows else 1)
     generated, kept, dropped = (sum(summary[k].values()) for k in ("generated", "kept", "dropped"))
-    assert generated == 6 and kept + dropped == generated and kept + summary["real_rows"] == len(rows)
+    assert generated == 4 and kept + dropped == generated and kept + summary["real_rows"] == len(rows)
     assert all(r["lineage"]["teacher"] == tiny_llama_dir for r in rows if r["lineage"]["source"] == "synthetic")
     assert "synthetic data yield" in capsys.readouterr().out
     assert main(["synth.real_fraction=0.5"]) == 2  # a config error: one line, exit code 2
