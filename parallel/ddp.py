@@ -14,6 +14,9 @@ class DDPStrategy(DistributedStrategy):
     name = "ddp"
 
     def wrap(self, model: torch.nn.Module, make_optimizer: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        from parallel.fp8 import maybe_apply_fp8
+
+        maybe_apply_fp8(model, self.cfg)
         model.to(self.device)
         # frozen parameters (a LoRA base) are not registered for all-reduce at all, so the default
         # find_unused_parameters=False holds: every trainable parameter is used in each forward
