@@ -5,11 +5,18 @@
 
 1. Kernels: KV store, paged decode and paged varlen prefill (with cached prefixes and chunks) on
    GPU in bf16 and fp32, against ``engine.attention``'s torch reference.
-2. Parity: a random-init Qwen3-0.6B-shaped model in bf16 (embeddings scaled x5 so next-token
-   distributions are peaked, as in trained models, rather than near-uniform ties). Teacher-forced
-   top-1 agreement of the engine's prompt logprobs with transformers' logits over 32 prompts x 256
-   tokens (target >= 99.5 %), with transformers bf16 vs fp32 as the noise floor; and exact match of
-   the first 32 greedy tokens, engine vs transformers, and CUDA graphs vs eager.
+2. Parity: a random-init Qwen3-0.6B-shaped model in bf16 (embeddings scaled x5), teacher-forced
+   over 32 prompts x 256 tokens, against transformers in fp32 (the reference) and in bf16.
+   Why not plain top-1 agreement: even with the scaling, a random-init model's top-2 logits are
+   often nearly tied, and bf16 rounding alone flips ~5 % of them: transformers bf16 agrees with
+   transformers fp32 on only ~95 % of positions, so overall agreement measures rounding noise, not
+   the engine. The honest metric counts *decisive* positions: those whose fp32 top-1/top-2 margin
+   exceeds delta, the 99.9th percentile of how much bf16 rounding moves that margin (measured as
+   |margin of transformers bf16 on the same two tokens - fp32 margin| over all positions). There
+   bf16 noise cannot flip the argmax, so any disagreement is an engine error: target >= 99.5 %
+   (transformers bf16 itself scores ~100 % there, shown as a control). Overall agreement is
+   reported next to its noise floor. Also: exact match of the first 32 greedy tokens, engine vs
+   transformers bf16, and CUDA graphs vs eager (must be bit-equal).
 """
 from __future__ import annotations
 
@@ -113,24 +120,44 @@ def parity_checks(model_dir: str, device: str, smoke: bool) -> list[dict]:
     torch.cuda.empty_cache() if device == "cuda" else None
 
     ids = torch.tensor(prompts, device=device)
-    tops = {}
-    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(device).eval()
-        with torch.no_grad():
-            tops[name] = torch.cat([model(ids[i:i + 8]).logits[:, :-1].argmax(-1).cpu() for i in range(0, len(prompts), 8)])
-            if name == "bf16":
-                hf_greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
-                                           do_sample=False, pad_token_id=0)[:, length:].tolist()
+    chunks = [ids[i:i + 8] for i in range(0, len(prompts), 8)]
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        ref_top2, ref_margin = [], []
+        for chunk in chunks:
+            values, top2 = model(chunk).logits[:, :-1].topk(2, dim=-1)
+            ref_top2.append(top2)
+            ref_margin.append(values[..., 0] - values[..., 1])
         del model
-    agree = (engine_top1 == tops["bf16"]).float().mean().item()
-    floor = (tops["bf16"] == tops["fp32"]).float().mean().item()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+        bf16_top1, moved = [], []
+        for chunk, top2, margin in zip(chunks, ref_top2, ref_margin):
+            logits = model(chunk).logits[:, :-1].float()
+            bf16_top1.append(logits.argmax(-1))
+            pair = logits.gather(-1, top2)  # bf16 logits of the fp32 reference's top-2 tokens
+            moved.append(((pair[..., 0] - pair[..., 1]) - margin).abs())
+        hf_greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                                   do_sample=False, pad_token_id=0)[:, length:].tolist()
+        del model
+    ref_top1 = torch.cat(ref_top2)[..., 0].cpu()
+    ref_margin, moved, bf16_top1 = torch.cat(ref_margin).cpu(), torch.cat(moved).cpu(), torch.cat(bf16_top1).cpu()
+    delta = torch.quantile(moved.flatten(), 0.999).item()
+    decisive = ref_margin > delta
+    engine_decisive = (engine_top1 == ref_top1)[decisive].float().mean().item()
+    hf_decisive = (bf16_top1 == ref_top1)[decisive].float().mean().item()
+    floor = (bf16_top1 == ref_top1).float().mean().item()
     greedy_match = sum(a == b for a, b in zip(engine_greedy, hf_greedy)) / len(prompts)
     graph_match = sum(a == b for a, b in zip(engine_greedy, eager_greedy)) / len(prompts)
     return [
-        {"check": "teacher-forced top-1 vs transformers bf16", "value": agree, "target": ">= 0.995", "ok": agree >= 0.995},
-        {"check": "teacher-forced top-1 vs transformers fp32", "value": (engine_top1 == tops["fp32"]).float().mean().item(),
+        {"check": f"top-1 vs fp32 ref, decisive positions (margin > {delta:.3g})", "value": engine_decisive,
+         "target": ">= 0.995", "ok": engine_decisive >= 0.995},
+        {"check": "  control: transformers bf16 there", "value": hf_decisive, "target": "-", "ok": None},
+        {"check": "  share of positions that are decisive", "value": decisive.float().mean().item(), "target": "-", "ok": None},
+        {"check": "top-1 vs fp32 ref, all positions", "value": (engine_top1 == ref_top1).float().mean().item(),
          "target": f"~ floor {floor:.4f}", "ok": None},
-        {"check": "transformers bf16 vs fp32 (noise floor)", "value": floor, "target": "-", "ok": None},
+        {"check": "  floor: transformers bf16 vs fp32", "value": floor, "target": "-", "ok": None},
+        {"check": "top-1 vs transformers bf16, all positions", "value": (engine_top1 == bf16_top1).float().mean().item(),
+         "target": "-", "ok": None},
         {"check": "greedy 32 tokens exact, engine vs transformers", "value": greedy_match, "target": ">= 0.95", "ok": greedy_match >= 0.95},
         {"check": "greedy 32 tokens exact, CUDA graphs vs eager", "value": graph_match, "target": "1.0", "ok": graph_match == 1.0},
     ]
@@ -165,7 +192,8 @@ def main() -> int:
         if isinstance(row.get("value"), float):
             row["shown"] = f"{row['value']:.3g}" if row["value"] < 0.5 else f"{row['value']:.4f}"
     print_table("engine GPU checks", rows, [("check", "check"), ("shown", "value"), ("target", "target"), ("ok", "ok"), ("error", "error")],
-                notes=["parity model: random-init Qwen3-0.6B shape (published vocab), embeddings x5 for peaked distributions"])
+                notes=["parity model: random-init Qwen3-0.6B shape (published vocab), embeddings x5; reference: transformers fp32",
+                       "decisive: fp32 top-1/top-2 margin beyond the 99.9th pct of bf16 rounding's effect on it (see docstring)"])
     failed = [r["check"] for r in rows if r.get("ok") is False]
     print("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
     return 1 if failed else 0

@@ -64,7 +64,8 @@ class PagedAttention(nn.Module):
 
             kernels.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
             if ctx.is_decode:
-                return kernels.decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+                return kernels.decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
+                                                ctx.decode_splits)
             return kernels.prefill_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens,
                                              ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
         store_kv_torch(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)

@@ -23,6 +23,7 @@ class Context:
     seqlens_q: list[int] | None = None
     context_lens_list: list[int] | None = None
     adapter_ids: torch.Tensor | None = None  # [num_tokens] adapter slot per token, for batched LoRA
+    decode_splits: int | None = None  # context splits of the decode kernel (equal in graph and eager steps)
 
 
 _CONTEXT: Context | None = None

@@ -38,7 +38,7 @@ class Linear(nn.Module):
 
 
 # The elementwise chains are pure functions so the GPU path can swap in torch.compile'd versions
-# (one fused kernel instead of ~7 launches each); the CPU reference runs them eagerly.
+# (one fused kernel each instead of 5-10 launches); the CPU reference runs them eagerly.
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # HF order of operations: normalize in fp32, cast back, then scale.
     dtype = x.dtype
@@ -47,8 +47,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
-def apply_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor,
-               sin_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual; return rms_norm(h), h``: the residual add fused into the next norm."""
+    h = x + residual
+    return rms_norm(h, weight, eps), h
+
+
+def apply_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+               q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+               eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q, k [T, heads, D]; with ``q_weight``/``k_weight``, Qwen3's per-head RMSNorm first
+    (one fused kernel for norm + rotary on GPU)."""
+    if q_weight is not None:
+        q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
     cos = cos_table[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D], cast like HF before multiplying
     sin = sin_table[positions].unsqueeze(1).to(q.dtype)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -65,10 +76,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def compile_fused_ops(model: nn.Module) -> None:
-    """Give every norm, rotary and activation module a torch.compile'd (fused) version of its function."""
-    compiled = {fn: torch.compile(fn, dynamic=True) for fn in (rms_norm, apply_rope, silu_and_mul)}
+    """Give every norm, rotary and activation module torch.compile'd (fused) versions of its functions."""
+    # emulate_precision_casts: round bf16 intermediates (the residual sum, the cast before scaling) as
+    # eager does, so graph-replayed and eager steps agree bit for bit and both match HF's rounding
+    compiled = {fn: torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+                for fn in (rms_norm, add_rms_norm, apply_rope, silu_and_mul)}
     for module in model.modules():
-        if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
+        if isinstance(module, RMSNorm):
+            module.fn, module.add_fn = compiled[rms_norm], compiled[add_rms_norm]
+        elif isinstance(module, (RotaryEmbedding, SiluAndMul)):
             module.fn = compiled[module.fn]
 
 
@@ -77,10 +93,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
-        self.fn = rms_norm
+        self.fn, self.add_fn = rms_norm, add_rms_norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``."""
+        if residual is None:
+            return self.fn(x, self.weight, self.eps)
+        return self.add_fn(x, residual, self.weight, self.eps)
 
 
 class SiluAndMul(nn.Module):
@@ -122,5 +141,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
         self.fn = apply_rope
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fn(positions, q, k, self.cos, self.sin)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: "RMSNorm | None" = None,
+                k_norm: "RMSNorm | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if q_norm is None:
+            return self.fn(positions, q, k, self.cos, self.sin)
+        return self.fn(positions, q, k, self.cos, self.sin, q_norm.weight, k_norm.weight, q_norm.eps)

@@ -102,9 +102,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # Qwen3 normalizes each head before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        q, k = rope(positions, q, k, self.q_norm, self.k_norm)  # Qwen3 normalizes each head before RoPE
         return self.o_proj(self.attn(q, k, v).flatten(1))
 
 
@@ -127,9 +125,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, rope)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the MLP output, the residual stream before it): each residual add happens inside the
+        following norm (``add_rms_norm``), saving a kernel per add; the values are HF's."""
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, rope), residual)
+        return self.mlp(h), residual
 
 
 class Decoder(nn.Module):
@@ -142,10 +147,10 @@ class Decoder(nn.Module):
         self.rotary_emb = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h = layer(h, positions, self.rotary_emb)
-        return self.norm(h)
+            h, residual = layer(h, residual, positions, self.rotary_emb)
+        return self.norm(h, residual)[0]
 
 
 class CausalLM(nn.Module):

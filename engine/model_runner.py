@@ -3,7 +3,9 @@
 The KV cache is one tensor ``[2, layers, blocks, block_size, kv_heads, head_dim]``; each attention
 layer gets its views. On CPU its size is ``engine.num_blocks``; on GPU it takes what
 ``gpu_memory_utilization`` leaves after the weights and a full-budget warm-up step. Decode steps on
-GPU replay CUDA graphs captured for batch-size buckets (padded with slot -1 / context length 0).
+GPU replay CUDA graphs captured for batch-size buckets (padded with slot -1 / context length 0);
+a graph covers the whole decoder stack and the LM head, and its inputs arrive in one host-to-device
+copy from a pinned staging buffer, so a decode step costs one copy, one replay and the sampler.
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        max_bs = min(config.max_num_seqs, 512)
+        self.graph_buckets = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs] if b <= max_bs})
+        self._graph_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, logits) of the last replay
         if device.type == "cuda" and not config.enforce_eager and self.backend == "triton":
             self._capture_decode_graphs()
 
@@ -65,22 +70,35 @@ class ModelRunner:
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
         # every block table entry points at the one scratch block: right memory footprint, values unused
         ctx = self._context([-1] * n_tokens, [[0] * -(-n // self.block_size) for n in lens], lens, lens, is_decode=False)
+        if self.lora is not None:  # every token through an adapter: the LoRA path's activations count too
+            self.lora.step.slots = ctx.adapter_ids = torch.zeros(n_tokens, dtype=torch.long, device=self.device)
+            self.lora.step.groups = [(0, torch.arange(n_tokens, device=self.device))]
         set_context(ctx)
-        hidden = self.model(ids, positions)
-        set_context(None)
+        try:
+            hidden = self.model(ids, positions)
+        finally:
+            set_context(None)
+            if self.lora is not None:
+                self.lora.step.slots = self.lora.step.groups = None
         rows = min(self.config.max_num_seqs, n_tokens)
         self.model.compute_logits(hidden[:rows]).softmax(-1)  # the sampler's working set
         del hidden
         torch.cuda.empty_cache()  # so memory the allocator merely caches is not counted as used elsewhere
         free, total = torch.cuda.mem_get_info()
-        used_elsewhere = total - free - torch.cuda.memory_allocated()
-        budget = total * self.config.gpu_memory_utilization - used_elsewhere - torch.cuda.max_memory_allocated()
+        used_elsewhere = total - free - torch.cuda.memory_allocated()  # other processes, CUDA context, NCCL
+        # max_memory_allocated counts every live tensor of this process: our weights and warm-up peak,
+        # but also anything the caller still holds (a previous engine's KV cache, a trainer's model)
+        peak = torch.cuda.max_memory_allocated()
+        budget = total * self.config.gpu_memory_utilization - used_elsewhere - peak
         num_blocks = int(budget // self._block_bytes())
         if num_blocks <= 0:
+            gib = 2 ** 30
             raise RuntimeError(
-                f"no GPU memory left for the KV cache at engine.gpu_memory_utilization={self.config.gpu_memory_utilization}; "
-                "raise it or lower engine.max_num_batched_tokens"
-            )
+                f"no GPU memory left for the KV cache at engine.gpu_memory_utilization={self.config.gpu_memory_utilization}: "
+                f"{total / gib:.1f} GiB total, {used_elsewhere / gib:.1f} GiB used outside this process's allocator, "
+                f"{peak / gib:.1f} GiB peak of this process's tensors (weights, warm-up step, and any tensors still alive, "
+                "e.g. an earlier engine not yet freed); raise gpu_memory_utilization, lower max_num_batched_tokens, "
+                "or free other GPU tensors first")
         return num_blocks
 
     def _allocate_kv_cache(self, num_blocks: int | None = None) -> None:
@@ -92,6 +110,16 @@ class ModelRunner:
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
     # ---------------------------------------------------------------- step inputs
+    def _decode_splits(self, num_seqs: int) -> int | None:
+        """The decode kernel's context splits for a batch: those of its graph bucket, so that eager and
+        replayed steps compute the same sums in the same order (bit-equal results)."""
+        if self.backend != "triton":
+            return None
+        from engine.kernels.paged_attention import decode_splits
+
+        bucket = next((b for b in self.graph_buckets if b >= num_seqs), num_seqs)
+        return decode_splits(bucket, self.args.num_kv_heads, self.max_blocks_per_seq * self.block_size)
+
     def _context(self, slots: list[int], block_tables: list[list[int]], seqlens_q: list[int], context_lens: list[int],
                  is_decode: bool) -> Context:
         dev = self.device
@@ -109,6 +137,7 @@ class ModelRunner:
             backend=self.backend,
             seqlens_q=seqlens_q,
             context_lens_list=context_lens,
+            decode_splits=self._decode_splits(len(seqlens_q)) if is_decode else None,
         )
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Context]:
@@ -131,9 +160,10 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Hidden states of every new token of the batch, [num_tokens, hidden]."""
+        self._graph_logits = None
+        if self.graphs and len(batch) <= self.graph_buckets[-1] and batch.is_decode:
+            return self._replay(batch)
         ids, positions, ctx = self.prepare(batch)
-        if ctx.is_decode and self.graphs and len(batch) <= self.graph_buckets[-1]:
-            return self._replay(ids, positions, ctx)
         set_context(ctx)
         try:
             return self.model(ids, positions)
@@ -142,48 +172,62 @@ class ModelRunner:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if self._graph_logits is not None and hidden is self._graph_logits[0] and rows == list(range(len(rows))):
+            return self._graph_logits[1][:len(rows)]  # a replayed decode step computed them in its graph
         return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
 
     # ---------------------------------------------------------------- CUDA graphs
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
-        max_bs = min(self.config.max_num_seqs, 512)
-        self.graph_buckets = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs] if b <= max_bs})
-        dev = self.device
-        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
-        self.g_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.g_out = torch.zeros(max_bs, self.args.hidden_size, dtype=self.dtype, device=dev)
-        self.g_adapter = torch.full((max_bs,), -1, dtype=torch.long, device=dev)  # LoRA slot per token (-1 = base)
+        max_bs, width = self.graph_buckets[-1], self.max_blocks_per_seq
+        # One int64 buffer holds every graph input (ids | positions | slots | adapter slots | context
+        # lengths | block tables), mirrored by a pinned host buffer: a step is a single H2D copy.
+        self.g_buf = torch.zeros(5 * max_bs + max_bs * width, dtype=torch.long, device=self.device)
+        self.h_buf = torch.zeros_like(self.g_buf, device="cpu").pin_memory()
+        self.h_np = self.h_buf.numpy()
+        self.h_vec = self.h_np[:5 * max_bs].reshape(5, max_bs)
+        self.h_tables = self.h_np[5 * max_bs:].reshape(max_bs, width)
+        ids, pos, slots, adapter, lens = self.g_buf[:5 * max_bs].view(5, max_bs)
+        tables = self.g_buf[5 * max_bs:].view(max_bs, width)
+        self.g_out = torch.zeros(max_bs, self.args.hidden_size, dtype=self.dtype, device=self.device)
+        self.g_logits = torch.zeros(max_bs, self.args.vocab_size, dtype=torch.float32, device=self.device)
+        slots.fill_(-1)
+        adapter.fill_(-1)
         pool = None
         for b in reversed(self.graph_buckets):  # largest first: smaller graphs reuse its memory pool
-            ctx = Context(self.g_slots[:b], self.g_tables[:b], self.g_lens[:b], torch.arange(b + 1, dtype=torch.int32, device=dev),
-                          1, True, self.backend, adapter_ids=self.g_adapter[:b] if self.lora is not None else None)
+            ctx = Context(slots[:b], tables[:b], lens[:b], torch.arange(b + 1, dtype=torch.int32, device=self.device),
+                          1, True, self.backend, adapter_ids=adapter[:b] if self.lora is not None else None,
+                          decode_splits=self._decode_splits(b))
             set_context(ctx)
-            self.g_out[:b] = self.model(self.g_ids[:b], self.g_pos[:b])  # warm-up (Triton autotune/compile)
+            self.g_out[:b] = self.model(ids[:b], pos[:b])  # warm-up (Triton autotune/compile)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self.g_out[:b] = self.model(self.g_ids[:b], self.g_pos[:b])
+                self.g_out[:b] = self.model(ids[:b], pos[:b])
+                self.g_logits[:b] = self.model.compute_logits(self.g_out[:b])
             pool = graph.pool() if pool is None else pool
             self.graphs[b] = graph
             set_context(None)
         torch.cuda.synchronize()
 
-    def _replay(self, ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
-        n = ids.numel()
+    def _replay(self, batch: Batch) -> torch.Tensor:
+        """A decode step through its bucket's graph. The pinned buffer is safe to rewrite: the previous
+        step's copy finished before its sampled tokens reached the host."""
+        n = len(batch)
         bucket = next(b for b in self.graph_buckets if b >= n)
-        self.g_ids[:n] = ids
-        self.g_pos[:n] = positions
-        self.g_slots.fill_(-1)
-        self.g_slots[:n] = ctx.slot_mapping
-        self.g_lens.zero_()
-        self.g_lens[:n] = ctx.context_lens
-        self.g_tables[:n, :ctx.block_tables.shape[1]] = ctx.block_tables
-        if self.lora is not None:
-            self.g_adapter.fill_(-1)
-            if ctx.adapter_ids is not None:
-                self.g_adapter[:n] = ctx.adapter_ids
+        vec, tables, bs = self.h_vec, self.h_tables, self.block_size
+        ids, pos, slots, adapter, lens = vec
+        for i, seq in enumerate(batch.seqs):
+            p = len(seq) - 1
+            table = seq.block_table
+            ids[i], pos[i], lens[i] = seq.token_ids[p], p, p + 1
+            slots[i] = table[p // bs] * bs + p % bs
+            tables[i, :len(table)] = table
+            if self.lora is not None:
+                adapter[i] = self.lora.slot_by_id[seq.adapter_id] if seq.adapter_id else -1
+        slots[n:bucket], lens[n:bucket], adapter[n:bucket] = -1, 0, -1  # padding rows: no store, no attention
+        used = 5 * tables.shape[0] + bucket * tables.shape[1]
+        self.g_buf[:used].copy_(self.h_buf[:used], non_blocking=True)
         self.graphs[bucket].replay()
-        return self.g_out[:n]
+        hidden = self.g_out[:n]
+        self._graph_logits = (hidden, self.g_logits)
+        return hidden

@@ -72,12 +72,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int], gener
     dev = logits.device
     temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev)
     scaled = logits / temperature[:, None]
-    scaled = filter_top_k_top_p_min_p(
-        scaled,
-        torch.tensor([s.params.top_k for s in seqs], device=dev),
-        torch.tensor([s.params.top_p for s in seqs], device=dev),
-        torch.tensor([s.params.min_p for s in seqs], device=dev),
-    )
+    if any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in seqs):  # known on the host: no sync
+        scaled = filter_top_k_top_p_min_p(
+            scaled,
+            torch.tensor([s.params.top_k for s in seqs], device=dev),
+            torch.tensor([s.params.top_p for s in seqs], device=dev),
+            torch.tensor([s.params.min_p for s in seqs], device=dev),
+        )
     probs = scaled.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_(generator=generator)
     for i, s in enumerate(seqs):

@@ -39,26 +39,33 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_ptr, scale_log2,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_ptr, lens_ptr, scale_log2,
                    table_stride, q_stride,
-                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
+    output; otherwise it writes its unnormalized partial (acc, max, sum) for ``_combine_kernel``."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_g = offs_g < GROUP
     heads = kv_head * GROUP + offs_g  # the query heads sharing this K/V head
     q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_g[:, None], other=0.0)
     context_len = tl.load(lens_ptr + seq)
+    # the split's share of the context, in whole BLOCK_N tiles; read from the device so the grid
+    # (and so a captured CUDA graph) is independent of the context length
+    chunk = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, context_len)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     row = NUM_KV_HEADS * HEAD_DIM
-    start = 0
-    while start < context_len:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
+    while start < end:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
         offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < context_len
+        mask_n = offs_n < end
         block = tl.load(tables_ptr + seq * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
         kv_offs = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
@@ -73,24 +80,71 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_pt
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
         start += BLOCK_N
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
-    tl.store(out_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=mask_g[:, None])
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
+        tl.store(out_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=mask_g[:, None])
+    else:  # partials: [seq, head, split, HEAD_DIM + 2] fp32 = acc | m | l
+        num_heads = NUM_KV_HEADS * GROUP
+        base = part_ptr + ((seq * num_heads + heads) * NUM_SPLITS + split) * (HEAD_DIM + 2)
+        tl.store(base[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
+        tl.store(base + HEAD_DIM, m, mask=mask_g)
+        tl.store(base + HEAD_DIM + 1, l, mask=mask_g)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, out_ptr, q_stride, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr):
+    """Merges the splits of one (sequence, head): rescale each partial to the global max, then sum."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = part_ptr + ((seq * NUM_HEADS + head) * NUM_SPLITS + offs_s) * (HEAD_DIM + 2)
+    m = tl.load(base + HEAD_DIM)  # -inf for an empty split
+    l = tl.load(base + HEAD_DIM + 1)
+    acc = tl.load(base[:, None] + offs_d[None, :])
+    m_max = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
+    total = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * q_stride + head * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int = 64) -> int:
+    """Context splits per (sequence, K/V head): enough programs to fill the GPU's SMs when the batch
+    is small (batch 1 has only ``num_kv_heads`` programs otherwise), never more than the longest
+    context has tiles, and 1 (no combine pass) once the batch alone fills the machine."""
+    programs = num_seqs * num_kv_heads
+    if programs >= 128:
+        return 1
+    return max(1, min(triton.next_power_of_2(-(-256 // programs)), triton.next_power_of_2(-(-max_context // block_n)), 32))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [num_seqs, heads, head_dim], one new token per sequence -> [num_seqs, heads, head_dim]."""
+                     context_lens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """q: [num_seqs, heads, head_dim], one new token per sequence -> [num_seqs, heads, head_dim].
+
+    ``num_splits`` is fixed per call shape (the model runner derives it from the batch size and
+    ``max_model_len``), so a CUDA graph captures one grid that serves every context length."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
+    block_n = 64
+    if num_splits is None:
+        num_splits = decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n)
     q = q.contiguous()
     out = torch.empty_like(q)
-    _decode_kernel[(num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0), q.stride(0),
+    partials = (torch.empty(num_seqs, num_heads, num_splits, head_dim + 2, dtype=torch.float32, device=q.device)
+                if num_splits > 1 else out)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, out, partials, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0), q.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=64, PRECISION=_precision(q),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q),
     )
+    if num_splits > 1:
+        _combine_kernel[(num_seqs, num_heads)](partials, out, q.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+                                               NUM_SPLITS=num_splits)
     return out
 
 
