@@ -29,7 +29,8 @@ def write_pairs(path: Path, n: int, completion_words: int) -> None:
     from trainer import tasks
 
     filler = " because " + " ".join(["it follows from the digits"] * max(1, completion_words // 5))
-    rows = [{"prompt": p.messages, "chosen": p.answer + filler, "rejected": str(int(p.answer) + 1) + filler}
+    say = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731  (TRL's conversational form)
+    rows = [{"prompt": p.messages, "chosen": say(p.answer + filler), "rejected": say(str(int(p.answer) + 1) + filler)}
             for p in tasks.generate(n, seed=0, difficulty=2)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -42,7 +43,7 @@ def ours(p: dict[str, Any]) -> dict[str, Any]:
         f"model.path={p['model_dir']}", "train.method=dpo", f"train.max_steps={p['warmup'] + p['steps']}", f"device={p['device']}",
         f"precision={'bf16' if p['device'] == 'cuda' else 'fp32'}", f"train.micro_batch_size={p['pairs']}", "train.grad_accum=1",
         f"data.source={p['data']}", "data.val_fraction=0", f"data.packing={p['packing']}", f"train.seq_len={p['seq_len']}",
-        "dpo.reference=lora_disabled", "dpo.beta=0.1", "dpo.max_prompt_len=128", "train.lr=5e-5", "train.scheduler=constant",
+        "dpo.reference=lora_disabled", "dpo.beta=0.1", f"dpo.max_prompt_len={p['seq_len'] // 2}", "train.lr=5e-5", "train.scheduler=constant",
         "lora.rank=16", "lora.alpha=32", "eval.every_n_steps=0", "checkpoint.save_final=false", f"output_dir={p['workdir']}/ours",
     ])
     times: list[float] = []
