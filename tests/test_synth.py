@@ -151,4 +151,4 @@ def test_generate_cli_runs_the_engine_and_writes_rows_and_summary(tmp_path, tiny
     assert generated == 4 and kept + dropped == generated and kept + summary["real_rows"] == len(rows)
     assert all(r["lineage"]["teacher"] == tiny_llama_dir for r in rows if r["lineage"]["source"] == "synthetic")
     assert "synthetic data yield" in capsys.readouterr().out
-    assert main(["synth.real_fraction=0.5"]) == 2  # a config error: one line, exit code 2
+    assert main(["synth.real_fraction=1.5"]) == 2  # a config error: one line, exit code 2, nothing generated
