@@ -142,14 +142,15 @@ def export_gguf(cfg: Config, src: Source, model, final: Path, progress: Progress
         report = write_gguf(tmp, config, state, src.tokenizer_dir, cfg.gguf.type, name=final.stem,
                             tokenizer_pre_name=cfg.gguf.tokenizer_pre, progress=lambda _n: progress.advance(task))
     mix = ", ".join(f"{k} {v / report.n_params:.0%}" for k, v in sorted(report.types.items(), key=lambda kv: -kv[1]))
-    out = [Artifact(str(final), "gguf", _size(final), report.n_params, time.time() - t0, mix)]
+    # bits/weight counts tensor bytes: the vocabulary metadata would dominate on tiny models
+    out = [Artifact(str(final), "gguf", report.n_bytes, report.n_params, time.time() - t0, mix)]
     if src.adapter_dir and cfg.gguf.adapter and src.method == "lora":
         t0 = time.time()
         adapter_final = final.with_name(final.stem.removesuffix(f"-{cfg.gguf.type}") + "-lora.gguf")
         adapter_type = cfg.gguf.type if cfg.gguf.type in ("f32", "f16", "bf16") else "f32"
         with atomic_output(adapter_final, False, cfg.export.overwrite) as tmp:
             rep = write_gguf_adapter(tmp, src.adapter_dir, src.config, adapter_type)
-        out.append(Artifact(str(adapter_final), "gguf-adapter", _size(adapter_final), rep.n_params, time.time() - t0,
+        out.append(Artifact(str(adapter_final), "gguf-adapter", rep.n_bytes, rep.n_params, time.time() - t0,
                             f"LoRA {adapter_type}, use with the base GGUF (llama-server --lora)"))
     return out
 
