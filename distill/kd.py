@@ -216,8 +216,11 @@ class DistillMethod(Method):
             return {}
         cfg, strategy = self.cfg, run.strategy
         sums = torch.zeros(3, dtype=torch.float64)  # ce, kd, tokens
-        for batch in iter_eval_batches(self.val_examples, cfg.train.micro_batch_size, cfg.train.seq_len, cfg.data.packing,
-                                       strategy.rank, strategy.world_size, run.tokenizer.pad_token_id):
+        batches = list(iter_eval_batches(self.val_examples, cfg.train.micro_batch_size, cfg.train.seq_len, cfg.data.packing,
+                                         strategy.rank, strategy.world_size, run.tokenizer.pad_token_id))
+        if strategy.lockstep_forward:  # sharded params: every forward is a collective, so all ranks run the same count
+            batches = batches[: int(strategy.all_reduce_min(len(batches)))]
+        for batch in batches:
             batch = {k: v.to(run.device) for k, v in batch.items()}
             out = self.loss(run.model, batch)
             n = self.normalizer(batch)

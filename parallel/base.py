@@ -151,7 +151,11 @@ class FirstStepGuard:
         self.done = True
         import math
 
-        bad_loss = any(not math.isfinite(x) for x in self.losses) or (self.losses and all(x == 0.0 for x in self.losses))
+        # An exactly-zero cross-entropy/preference loss cannot come from finite logits; a policy-gradient
+        # surrogate (GRPO) is legitimately 0 on its first on-policy batch, so only likelihood losses count.
+        zero_is_broken = self.cfg.train.method in ("sft", "dpo", "distill")
+        all_zero = bool(self.losses) and all(x == 0.0 for x in self.losses)
+        bad_loss = any(not math.isfinite(x) for x in self.losses) or (zero_is_broken and all_zero)
         bad_norm = self.grad_norm is not None and not math.isfinite(self.grad_norm)
         if bad_loss or bad_norm:
             c = self.cfg

@@ -67,9 +67,9 @@ class ParallelConfig:
         from trainer.models import param_dtype
 
         expected = {"torch.bfloat16": "bf16", "torch.float32": "fp32"}[str(param_dtype(cfg))]
-        if cfg.quant.quant_storage != expected:
+        if cfg.quant.quant_storage not in ("auto", expected):
             raise ConfigError(
                 f"quant.quant_storage={cfg.quant.quant_storage} with parallel.strategy={self.strategy}: the sharded 4-bit "
-                f"weights must be stored as the model's parameter dtype ({expected}); set quant.quant_storage={expected} "
+                f"weights must be stored as the model's parameter dtype ({expected}); set quant.quant_storage={expected} (or auto) "
                 "(a mismatch trains silently broken: loss=0.0, grad_norm=nan)"
             )

@@ -125,7 +125,7 @@ class QuantConfig:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
-    quant_storage: Literal["uint8", "bf16", "fp32"] = "uint8"  # must equal the param dtype under FSDP
+    quant_storage: Literal["auto", "uint8", "bf16", "fp32"] = "auto"  # auto: the param dtype under fsdp2/zero3, else uint8
 
     def check(self, cfg: "Config") -> None:
         if self.load_in_4bit and not cfg.lora.enabled:

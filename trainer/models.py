@@ -199,6 +199,15 @@ def compute_dtype(cfg: Config) -> torch.dtype:
     return TORCH_DTYPES[cfg.quant.compute_dtype]
 
 
+def quant_storage_dtype(cfg: Config) -> torch.dtype:
+    """The dtype NF4 bytes are packed into. Sharded strategies (FSDP2, ZeRO-3) flatten and split every
+    parameter in the model's parameter dtype, so the packed storage must use that dtype too."""
+    if cfg.quant.quant_storage == "auto":
+        sharded = getattr(getattr(cfg, "parallel", None), "strategy", "single") in ("fsdp2", "zero3")
+        return param_dtype(cfg) if sharded else torch.uint8
+    return {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.quant.quant_storage]
+
+
 def bnb_config(cfg: Config):
     from transformers import BitsAndBytesConfig
 
@@ -208,7 +217,7 @@ def bnb_config(cfg: Config):
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(cfg),
-        bnb_4bit_quant_storage={"uint8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}[q.quant_storage],
+        bnb_4bit_quant_storage=quant_storage_dtype(cfg),
     )
 
 
@@ -218,7 +227,7 @@ def quantize_model_nf4(model, cfg: Config):
     import bitsandbytes as bnb
 
     q = cfg.quant
-    storage = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}[q.quant_storage]
+    storage = quant_storage_dtype(cfg)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":

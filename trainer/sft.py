@@ -68,14 +68,16 @@ class SFTMethod(Method):
         if not self.val_examples:
             return {}
         cfg, s = self.cfg, run.strategy
-        batches = iter_eval_batches(self.val_examples, cfg.train.micro_batch_size, cfg.train.seq_len, cfg.data.packing,
-                                    rank=s.rank, world_size=s.world_size, pad_id=self.pad_id)
+        batches = list(iter_eval_batches(self.val_examples, cfg.train.micro_batch_size, cfg.train.seq_len, cfg.data.packing,
+                                         rank=s.rank, world_size=s.world_size, pad_id=self.pad_id))
+        if cfg.eval.max_batches:
+            batches = batches[: cfg.eval.max_batches]
+        if s.lockstep_forward:  # sharded params: every forward is a collective, so all ranks run the same count
+            batches = batches[: int(s.all_reduce_min(len(batches)))]
         total, tokens = torch.zeros((), dtype=torch.float64), 0
         was_training = run.model.training
         run.model.eval()
-        for i, batch in enumerate(batches):
-            if cfg.eval.max_batches and i >= cfg.eval.max_batches:
-                break
+        for batch in batches:
             batch = {k: v.to(run.device) for k, v in batch.items()}
             out = self.loss(run.model, batch)  # the trainer runs evaluate() under its autocast
             total += out.loss_sum.double().cpu()
