@@ -59,7 +59,7 @@ def test_no_trained_tokens_gives_zero_with_a_graph():
 
 
 _MEMORY_PROBE = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
     sys.path.insert(0, {root!r})
     from trainer.losses import chunked_cross_entropy
     torch.manual_seed(0)
@@ -67,14 +67,20 @@ _MEMORY_PROBE = textwrap.dedent("""
     head = torch.nn.Linear(hidden, vocab, bias=False)
     h = torch.randn(n, hidden, requires_grad=True)
     y = torch.randint(0, vocab, (n,))
-    def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    chunked_cross_entropy(h, y, head, 64).backward()  # warm-up: allocator pools, autograd engine
-    base = rss()
-    chunked_cross_entropy(h, y, head, 128).backward()
-    chunked = rss()
-    chunked_cross_entropy(h, y, head, 0).backward()   # plain: the whole [n, vocab] logits at once
-    full = rss()
-    print(json.dumps({{"logits_bytes": n * vocab * 4, "chunked_growth": chunked - base, "full_growth": full - base}}))
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    def peak_growth(chunk):
+        # Linux resets the peak-RSS mark (VmHWM) on "5" > clear_refs, so each phase is measured on its own
+        # (ru_maxrss is a lifetime maximum: an earlier transient peak, e.g. at import, would hide the phase).
+        open("/proc/self/clear_refs", "w").write("5")
+        before = status("VmRSS")
+        chunked_cross_entropy(h, y, head, chunk).backward()
+        return status("VmHWM") - before
+    peak_growth(64)  # warm-up: allocator pools, autograd engine
+    chunked, full = peak_growth(128), peak_growth(0)  # 0 = plain: the whole [n, vocab] logits at once
+    print(json.dumps({{"logits_bytes": n * vocab * 4, "chunked_growth": chunked, "full_growth": full}}))
 """)
 
 
