@@ -472,3 +472,19 @@ def run_worker(cmd: list[str], result_path: Path, timeout: float | None = None, 
         result = {"error": f"exit code {rc}: {last[:300]}"}
     result["wall_s"] = round(time.perf_counter() - start, 1)
     return result
+
+
+def trainer_step_clock(times: list[float]):
+    """A transformers TrainerCallback that appends each optimizer step's device-synchronized seconds to ``times``."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            synchronize()
+            self.t = now()
+
+        def on_step_end(self, args, state, control, **kw):
+            synchronize()
+            times.append(now() - self.t)
+
+    return StepClock()

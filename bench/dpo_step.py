@@ -69,20 +69,11 @@ def trl(p: dict[str, Any]) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     rows = [json.loads(line) for line in Path(p["data"]).read_text().splitlines()]
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            common.synchronize()
-            self.t = common.now()
-
-        def on_step_end(self, args, state, control, **kw):
-            common.synchronize()
-            times.append(common.now() - self.t)
 
     cuda = p["device"] == "cuda"
     args = DPOConfig(output_dir=f"{p['workdir']}/trl", max_steps=p["warmup"] + p["steps"], per_device_train_batch_size=p["pairs"],
@@ -92,7 +83,7 @@ def trl(p: dict[str, Any]) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(p["model_dir"])
     common.reset_peak_memory()
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"), callbacks=[Clock()])
+                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"), callbacks=[common.trainer_step_clock(times)])
     history = trainer.train()
     return {"times": times, "peak_gib": common.peak_memory_gib(), "final_loss": history.training_loss}
 

@@ -70,7 +70,7 @@ def trl(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     from trainer import tasks
@@ -79,15 +79,6 @@ def trl(spec: dict[str, Any]) -> dict[str, Any]:
     problems = tasks.generate(512, seed=0, difficulty=1)
     data = Dataset.from_list([{"prompt": pr.messages, "answer": pr.answer} for pr in problems])
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            common.synchronize()
-            self.t = common.now()
-
-        def on_step_end(self, args, state, control, **kw):
-            common.synchronize()
-            times.append(common.now() - self.t)
 
     cuda = p["device"] == "cuda"
     args = GRPOConfig(
@@ -100,7 +91,7 @@ def trl(spec: dict[str, Any]) -> dict[str, Any]:
     peft = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                       task_type="CAUSAL_LM")
     common.reset_peak_memory()
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward_vowels], args=args, train_dataset=data, peft_config=peft, callbacks=[Clock()])
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_vowels], args=args, train_dataset=data, peft_config=peft, callbacks=[common.trainer_step_clock(times)])
     trainer.train()
     return {"times": times, "peak_gib": common.peak_memory_gib()}
 

@@ -9,12 +9,7 @@ import torch
 from launch.eval import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_eval_cli_reports_perplexity_and_accuracy(tiny_llama_dir, tmp_path, capsys):

@@ -13,12 +13,7 @@ from engine.sequence import Sequence
 PROMPTS = [[5, 900, 33, 1200, 7, 7, 41, 3000, 12], [77, 1500, 8, 9, 10, 2048, 600]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def full_prompt_logprobs(llm: LLM) -> torch.Tensor:
