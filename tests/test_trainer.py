@@ -187,3 +187,17 @@ def test_wandb_offline_run_logs_config_and_metrics(tiny_llama_dir, tmp_path, mon
     Trainer(cfg).train()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_wandb_resume_continues_the_same_run_and_logs_the_adapter(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wbr"
+    common = ["eval.every_n_steps=0", "wandb.enabled=true", "wandb.log_model=true", "resume=auto", "checkpoint.every_n_steps=2"]
+    Trainer(tiny_cfg(tiny_llama_dir, out, "train.max_steps=2", *common)).train()
+    first_id = (out / "wandb_run_id").read_text().strip()
+    Trainer(tiny_cfg(tiny_llama_dir, out, "train.max_steps=4", *common)).train()
+    assert (out / "wandb_run_id").read_text().strip() == first_id
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert runs and all(r.name.endswith(first_id) for r in runs), "a resume must reopen the run, not start another"
+    assert (out / "final" / "adapter_model.safetensors").is_file()

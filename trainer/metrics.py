@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,17 @@ class MetricsLogger:
         if self.enabled:
             self.console.print(text, highlight=False)
 
+    def log_model(self, directory: Path, kind: str) -> None:
+        """Log a saved model/adapter directory as a W&B artifact (offline runs keep it for `wandb sync`)."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"{self._wandb.name or 'run'}-{kind}".replace("/", "-"), type=kind,
+                                  metadata={"git_sha": git_sha(), "config": to_dict(self.cfg)})
+        artifact.add_dir(str(directory))
+        self._wandb.log_artifact(artifact)
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
@@ -143,12 +155,17 @@ class MetricsLogger:
 
 
 def _init_wandb(cfg: Config, output_dir: Path):
+    """One W&B run per output_dir: its id is kept in ``wandb_run_id`` so ``resume=auto`` continues the
+    same run instead of opening a new one (``wandb.id`` — set by sweep agents — takes precedence)."""
     import wandb
 
     w = cfg.wandb
     mode = wandb_mode(w.mode)
+    id_file = output_dir / "wandb_run_id"
+    run_id = w.id or (id_file.read_text().strip() if id_file.is_file() else None) or uuid.uuid4().hex[:8]
     run = wandb.init(project=w.project, name=w.name or output_dir.name, group=w.group, tags=list(w.tags) or None,
-                     config=to_dict(cfg), dir=str(output_dir), mode=mode, resume="allow")
+                     config=to_dict(cfg), dir=str(output_dir), mode=mode, id=run_id, resume="allow")
+    id_file.write_text(run.id + "\n")
     run.config.update({"git_sha": git_sha(), "command": " ".join(sys.argv)}, allow_val_change=True)
     return run
 

@@ -155,7 +155,10 @@ class Trainer(Stateful):
                 self.save()
             saved = {"last checkpoint": str(self.last_checkpoint)}
             if cfg.checkpoint.save_final:
-                saved["final model"] = str(self.checkpointer.save_final(self.model))
+                final = self.checkpointer.save_final(self.model)
+                saved["final model"] = str(final)
+                if cfg.wandb.log_model:
+                    self.metrics.log_model(final, "adapter" if cfg.lora.enabled else "model")
         finally:
             self.metrics.close()
         self._finish(time.perf_counter() - started, saved)
