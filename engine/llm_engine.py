@@ -7,7 +7,7 @@ from itertools import count
 import torch
 
 from engine.config import EngineConfig
-from engine.loader import load_named_tensors
+from engine.loader import load_named_tensors, materialize_gguf
 from engine.model import ModelArgs
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
@@ -51,7 +51,7 @@ class LLMEngine:
 
         self.config = EngineConfig(**engine_options)
         self.config.check(None)
-        path = resolve_model_path(model)
+        path = materialize_gguf(model) if str(model).endswith(".gguf") else resolve_model_path(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         args = ModelArgs.from_hf_dir(path)

@@ -76,10 +76,20 @@ def _safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def _checkpoint_items(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """Plain HF safetensors, or an AWQ (AutoAWQ GEMM layout) checkpoint dequantized on load."""
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if (config.get("quantization_config") or {}).get("quant_method") == "awq":
+        from export.awq import dequantize_awq_checkpoint
+
+        return dequantize_awq_checkpoint(path).items()
+    return _safetensors_items(path)
+
+
 def load_checkpoint(model: CausalLM, path: str | Path) -> None:
     """Load every weight of an HF safetensors directory; a missing weight is an error, not random init."""
     args = model.args
-    items = ((n, t) for n, t in _safetensors_items(Path(path)) if not (args.tie_word_embeddings and n == "lm_head.weight"))
+    items = ((n, t) for n, t in _checkpoint_items(Path(path)) if not (args.tie_word_embeddings and n == "lm_head.weight"))
     written = load_named_tensors(model, items)
     expected = {hf for hf in _hf_names(model)}
     missing = sorted(expected - written)
@@ -124,3 +134,33 @@ def merge_lora_adapter(model: CausalLM, adapter_dir: str | Path) -> None:
     if not deltas:
         raise ValueError(f"{adapter_dir}: the adapter holds no lora_A/lora_B weights")
     load_named_tensors(model, deltas, add=True)
+
+
+def materialize_gguf(path: str | Path) -> str:
+    """A GGUF model file -> an HF directory (config, dequantized safetensors, tokenizer) cached beside it.
+
+    llama.cpp files carry their own tokenizer and the interleaved Q/K layout; reading them through
+    ``export.gguf_io`` undoes the permutation, so the engine runs exactly what llama.cpp would.
+    """
+    from safetensors.torch import save_file
+
+    from export.gguf_io import read_gguf_model
+
+    path = Path(path).resolve()
+    out = path.parent / f".{path.name}.hf"
+    stamp = f"{path.stat().st_size}-{path.stat().st_mtime_ns}"
+    if (out / ".source").is_file() and (out / ".source").read_text() == stamp:
+        return str(out)
+    config, state, tokenizer = read_gguf_model(path, with_tokenizer=True)
+    tmp = path.parent / f".{path.name}.hf.tmp"
+    tmp.mkdir(exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".source").write_text(stamp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return str(out)
