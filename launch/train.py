@@ -26,16 +26,11 @@ USAGE = "usage: [torchrun --nproc_per_node=N] python launch/train.py config=<nam
 def dry_run(cfg: Config, console: Console) -> None:
     """The resolved config and the estimated peak memory per device; loads no weights."""
     console.print(Syntax(dump_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        from trainer.memory import estimate_memory
-    except ImportError as e:  # the estimator belongs to the parallel package; keep dry runs useful without it
-        console.print(f"[yellow]memory estimate unavailable: {e}")
-        return
+    from trainer.memory import estimate_memory
     from trainer.models import model_config
 
-    estimate = estimate_memory(cfg, model_config(cfg.model), world_size)
-    console.print(estimate.rich_table() if hasattr(estimate, "rich_table") else estimate)
+    estimate = estimate_memory(cfg, model_config(cfg.model), int(os.environ.get("WORLD_SIZE", 1)))
+    console.print(estimate.rich_table())
 
 
 def main(argv: list[str] | None = None) -> int:
