@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def progress(trial: sweeps.Trial) -> None:
             metric = "-" if trial.metric is None else f"{trial.metric:.4f}"
-            params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+            swept = {p.key for p in spec.params if p.values is None or len(p.values) > 1}
+            params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items() if k in swept)
             console.print(f"  {trial.name} {trial.status:<13} {spec.metric}={metric}  {params}  ({trial.seconds:.0f}s)")
 
         trials = controller.run(progress)

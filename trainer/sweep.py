@@ -506,7 +506,8 @@ def report(sweep_dir: Path, console=None) -> list[dict[str, Any]]:
     spec = meta.get("spec", {})
     metric, goal = spec.get("metric", {}).get("name", "metric"), spec.get("metric", {}).get("goal", "minimize")
     board = leaderboard(rows, goal)
-    params = sorted({k for r in rows for k in r if k.startswith("param.")})
+    # parameters held at one value (``value:``) are the same for every trial: not a leaderboard column
+    params = sorted(k for k in {k for r in rows for k in r if k.startswith("param.")} if len({str(r.get(k)) for r in rows}) > 1)
     table = Table(title=f"sweep {meta.get('id', sweep_dir)} — {metric} ({goal}), best first")
     for col in ["#", "trial", metric, "status", *[p[6:] for p in params], "seconds"]:
         table.add_column(col, justify="right" if col not in ("trial", "status") else "left")
