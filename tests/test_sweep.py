@@ -112,7 +112,7 @@ def test_agent_callback_builds_the_trial_command(tmp_path):
     assert fake.calls == ["init", "finish"], "the agent must release the run before the trial's rank 0 re-opens it"
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[5].endswith("launch/train.py")
     assert "train.lr=0.001" in cmd and "lora.rank=8" in cmd and "wandb.id=abc123" in cmd
-    assert "wandb.group=sweep-xyz" in cmd and "resume=auto" in cmd
+    assert "wandb.group=sweep-xyz" in cmd and "resume=auto" in cmd and "wandb.log_model=true" in cmd
     # the command's overrides form a valid config (what the trial will actually run)
     overrides = [a for a in cmd[6:] if "=" in a]
     cfg = load_config(overrides)

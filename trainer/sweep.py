@@ -305,7 +305,7 @@ def trial_command(spec: SweepSpec, params: dict[str, Any], output_dir: Path, gro
            f"config={spec.base_config}"]
     cmd += [f"{k}={_cli(v)}" for k, v in params.items()]
     cmd += [f"output_dir={output_dir}", f"wandb.enabled={'true' if wandb_enabled else 'false'}", f"wandb.group={group}",
-            f"wandb.name={run_name}", f"wandb.project={spec.project}", "resume=auto"]
+            f"wandb.name={run_name}", f"wandb.project={spec.project}", "wandb.log_model=true", "resume=auto"]
     if run_id:
         cmd.append(f"wandb.id={run_id}")
     return cmd
