@@ -405,6 +405,8 @@ def save_results(path: Path | None, bench: str, args: argparse.Namespace, rows: 
 def fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     if isinstance(value, int):
