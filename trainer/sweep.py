@@ -525,11 +525,21 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def _log_axis(key: str, values: list[float]) -> bool:
+    """Learning rates (``lr`` / ``*_lr``) always get a log axis: they are swept multiplicatively, and a
+    linear axis over a narrow range crowds its labels; other positive parameters when they span >= 20x."""
+    if min(values) <= 0:
+        return False
+    name = key.rsplit(".", 1)[-1]
+    return name == "lr" or name.endswith("_lr") or max(values) / min(values) >= 20
+
+
 def _plot(sweep_dir: Path, rows: list[dict[str, Any]], params: list[str], metric: str) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     done = [r for r in rows if r.get("metric") is not None]
     if not done or not params:
@@ -541,8 +551,12 @@ def _plot(sweep_dir: Path, rows: list[dict[str, Any]], params: list[str], metric
         x_plot = xs if numeric else [str(x) for x in xs]
         colors = ["tab:blue" if r["status"] == "completed" else "tab:orange" for r in done]
         ax.scatter(x_plot, [r["metric"] for r in done], c=colors)
-        if numeric and min(xs) > 0 and max(xs) / min(xs) >= 20:
+        if numeric and _log_axis(p[6:], xs):
             ax.set_xscale("log")
+            # over less than a decade a log axis labels its minor ticks, which crowd: label the
+            # decades and a few values between them in plain notation instead
+            ax.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+            ax.tick_params(axis="x", which="both", labelrotation=30)
         ax.set_xlabel(p[6:])
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
