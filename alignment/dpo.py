@@ -108,7 +108,8 @@ class DPOMethod(Method):
     def _pair_logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> L.PairLogps:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         n_docs = batch["lengths"].numel()
-        sums = sum_by_document(token_logprobs(model, batch)[0], batch["doc_index"], n_docs)
+        logp = token_logprobs(model, batch, chunk_size=self.cfg.train.loss_chunk_size)[0]
+        sums = sum_by_document(logp, batch["doc_index"], n_docs)
         ref = batch.get("ref_logps")
         if ref is None and self.reference is not None:
             ref = sum_by_document(self.reference.token_logprobs(batch), batch["doc_index"], n_docs)

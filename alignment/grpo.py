@@ -171,7 +171,7 @@ class GRPOMethod(Method):
         try:
             parts = []
             for s in range(0, batch["input_ids"].shape[0], mbs):
-                part = {k: batch[k][s: s + mbs].to(self.device) for k in ("input_ids", "position_ids")}
+                part = {k: batch[k][s: s + mbs].to(self.device) for k in ("input_ids", "position_ids", "doc_index")}
                 parts.append(fn(part).cpu())
             return torch.cat(parts)
         finally:
@@ -195,7 +195,7 @@ class GRPOMethod(Method):
         g = self.cfg.grpo
         batch = {k: v.to(self.device) for k, v in batch.items()}
         mask = batch["mask"]
-        logp, entropy = token_logprobs(model, batch, g.temperature, with_entropy=True)
+        logp, entropy = token_logprobs(model, batch, g.temperature, with_entropy=True, chunk_size=self.cfg.train.loss_chunk_size)
         old = batch["old_logp"] if "old_logp" in batch else logp.detach()
         clip_high = g.clip_eps if g.clip_eps_high is None else g.clip_eps_high
         per_token, clipped = rl.POLICY_LOSSES[g.policy_loss](logp, old, batch["advantages"], g.clip_eps, clip_high)

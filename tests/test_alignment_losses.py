@@ -80,6 +80,64 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected():
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-token log-probs through the chunked LM head
+# ---------------------------------------------------------------------------------------------
+def _full_logits_logprobs(model, rows, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: whole [R, T, vocab] fp32 logits, log-softmax, gather (what the chunked path must equal)."""
+    logits = model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False).logits[:, :-1].float() / temperature
+    logp = logits.log_softmax(-1).gather(-1, rows["input_ids"][:, 1:, None]).squeeze(-1)
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    return torch.nn.functional.pad(logp, (1, 0)), torch.nn.functional.pad(entropy, (1, 0))
+
+
+@pytest.mark.parametrize("chunk_size", [5, 0])
+def test_chunked_logprobs_equal_full_logits_values_and_grads(tiny_llama_dir, chunk_size):
+    """Chunks of 5 tokens (several chunks, a ragged last one) and unchunked: same log-probs, entropies and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    docs = [Document(torch.randint(5, 500, (p,), generator=g).tolist(), torch.randint(5, 500, (c,), generator=g).tolist())
+            for p, c in [(6, 4), (3, 7), (9, 2), (4, 5)]]
+    rows = rows_from_documents(docs, seq_len=32, packing=True)
+    scored = rows["doc_index"] >= 0
+    weights = torch.rand(scored.shape, generator=g)  # a loss that weighs every token differently
+
+    def grads_of(logp):
+        model.zero_grad()
+        (logp * weights * scored).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_logp, ref_entropy = _full_logits_logprobs(model, rows, temperature=0.7)
+    ref_grads = grads_of(ref_logp)
+    logp, entropy = token_logprobs(model, rows, temperature=0.7, with_entropy=True, chunk_size=chunk_size)
+    got_grads = grads_of(logp)
+
+    assert torch.allclose(logp[scored], ref_logp[scored], atol=1e-5)
+    assert torch.equal(logp[~scored], torch.zeros_like(logp[~scored]))  # prompts and padding are not scored
+    assert torch.allclose(entropy[scored], ref_entropy[scored], atol=1e-5) and not entropy.requires_grad
+    for name, want in ref_grads.items():
+        assert torch.allclose(got_grads[name], want, atol=1e-5, rtol=1e-4), name
+
+
+def test_chunked_logprobs_never_hold_the_whole_vocabulary_logits():
+    """The head sees at most chunk_size rows, in the forward and in the backward's recomputation."""
+    from alignment.sequences import chunked_token_logprobs
+
+    head = torch.nn.Linear(8, 50, bias=False)
+    seen = []
+    head.register_forward_hook(lambda mod, args, out: seen.append(out.shape[0]))
+    hidden, targets = torch.randn(23, 8, requires_grad=True), torch.randint(0, 50, (23,))
+    logp, _ = chunked_token_logprobs(hidden, targets, head, chunk_size=8)
+    logp.sum().backward()
+    assert max(seen) == 8 and sum(seen) == 2 * 23  # forward + recomputation, 8 rows at a time
+    full = hidden.detach().clone().requires_grad_(True)
+    want = torch.log_softmax(head(full), -1).gather(-1, targets[:, None]).squeeze(-1)
+    want.sum().backward()
+    assert torch.allclose(logp, want, atol=1e-6) and torch.allclose(hidden.grad, full.grad, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
 # Against TRL's DPOTrainer on the same batch and models
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
