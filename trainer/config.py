@@ -71,6 +71,8 @@ class TrainConfig:
     loss_chunk_size: int = 1024  # tokens per chunk of the chunked cross-entropy (0 = unchunked)
     log_every_n_steps: int = 1
     compile: bool = False
+    # autocast: fp32 params, bf16 autocast | bf16_weights: bf16 params, fp32 masters in the optimizer (cast once per step)
+    mixed_precision: Literal["autocast", "bf16_weights"] = "autocast"
 
     def check(self, cfg: "Config") -> None:
         _positive(self, "train", ["max_steps", "micro_batch_size", "grad_accum", "seq_len", "ac_every_k"])
@@ -78,6 +80,18 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas must hold two numbers (got {self.betas})")
+        if self.mixed_precision == "bf16_weights":
+            self._check_bf16_weights(cfg)
+
+    def _check_bf16_weights(self, cfg: "Config") -> None:
+        why = "train.mixed_precision=bf16_weights"
+        if cfg.precision != "bf16":
+            raise ConfigError(f"{why} needs precision=bf16 (got precision={cfg.precision})")
+        if self.optimizer != "adamw":
+            raise ConfigError(f"{why} keeps its fp32 master weights in AdamW; train.optimizer={self.optimizer} is not supported")
+        strategy = getattr(getattr(cfg, "parallel", None), "strategy", "single")
+        if strategy not in ("single", "ddp"):
+            raise ConfigError(f"{why} works with parallel.strategy=single or ddp; {strategy} brings its own mixed precision")
 
 
 @dataclass

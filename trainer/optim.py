@@ -13,11 +13,13 @@ import torch
 from trainer.config import Config, ConfigError
 
 
-def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], masters: dict[int, torch.Tensor] | None = None) -> torch.optim.Optimizer:
     """AdamW (fused kernel on GPU), or a bitsandbytes 8-bit / paged AdamW.
 
     Weight decay applies to matrices only: norms and biases (1-D) are not decayed, the usual
-    choice for transformers and what makes ``train.weight_decay`` safe to turn on.
+    choice for transformers and what makes ``train.weight_decay`` safe to turn on. ``masters``
+    (``train.mixed_precision=bf16_weights``: fp32 copies of the bf16 params by ``id``) selects
+    ``MasterWeightAdamW``.
     """
     t = cfg.train
     params = [p for p in params if p.requires_grad]
@@ -30,6 +32,8 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
     if t.optimizer == "adamw":
         on_gpu = all(p.is_cuda for p in params)
         # fused=True needs every param on one accelerator; on CPU the foreach path is the fast one
+        if masters is not None:
+            return MasterWeightAdamW(groups, masters, fused=on_gpu or None, **kwargs)
         return torch.optim.AdamW(groups, fused=on_gpu or None, **kwargs)
     try:
         import bitsandbytes as bnb
@@ -37,6 +41,64 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
         raise ConfigError(f"train.optimizer={t.optimizer} needs bitsandbytes: pip install bitsandbytes") from None
     classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw": bnb.optim.PagedAdamW}
     return classes[t.optimizer](groups, **kwargs)
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW whose parameters are fp32 masters of the model's bf16 parameters (cast-once mixed precision).
+
+    The model trains on its bf16 parameters; this optimizer owns their fp32 copies. ``step`` casts
+    the bf16 gradients up once, runs AdamW on the masters in fp32 and writes the rounded result
+    back into the model once, so weights are cast once per optimizer step instead of at every use.
+    ``param_groups`` (and so the lr schedule) and ``state`` are the masters'. The state dict carries
+    the master values too: the model's checkpoint holds only the rounded bf16 weights, and resume
+    must continue from the exact fp32 ones.
+    """
+
+    def __init__(self, groups: list[dict], masters: dict[int, torch.Tensor], **kwargs):
+        self.model_params = [p for g in groups for p in g["params"]]
+        self.masters = [_master_of(p, masters) for p in self.model_params]
+        by_model_param = dict(zip(map(id, self.model_params), self.masters))
+        super().__init__([{**g, "params": [by_model_param[id(p)] for p in g["params"]]} for g in groups], **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for master, param in zip(self.masters, self.model_params):
+            master.grad = None if param.grad is None else param.grad.float()
+        loss = super().step(closure)
+        torch._foreach_copy_(self.model_params, self.masters)
+        for master in self.masters:
+            master.grad = None  # the fp32 gradients are transient: keep only the bf16 ones between steps
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for param in self.model_params:
+            if set_to_none:
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.zero_()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "master_weights": list(self.masters)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("master_weights", None)
+        if saved is None:
+            raise ValueError("optimizer state has no master_weights: it was saved without train.mixed_precision=bf16_weights; "
+                             "resume with the mixed_precision the run was started with")
+        if len(saved) != len(self.masters):
+            raise ValueError(f"optimizer state has {len(saved)} master weights, this model trains {len(self.masters)} parameters")
+        super().load_state_dict(state_dict)
+        torch._foreach_copy_(self.masters, [m.to(self.masters[0].device) for m in saved])
+        torch._foreach_copy_(self.model_params, self.masters)
+
+
+def _master_of(param: torch.Tensor, masters: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The fp32 master of ``param``: the pre-rounding copy when one was taken, else its upcast value."""
+    master = masters.get(id(param))
+    return (master if master is not None else param.detach().float().clone()).to(param.device)
 
 
 def lr_multiplier(step: int, *, warmup: int, total: int, kind: str, min_ratio: float) -> float:

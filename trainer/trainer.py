@@ -9,13 +9,15 @@
 A Method decides what a batch and its loss are; this file decides how to step, so accumulation,
 precision, sharding, logging and checkpoints work the same for all of them.
 
-Mixed precision. Trainable parameters, their gradients and the optimizer states are always fp32
-(the "master weights"). On a GPU with ``precision=bf16`` the forward and backward run under bf16
-autocast: matmuls in bf16, reductions (norms, softmax, the loss) in fp32; bf16 has fp32's exponent
-range, so no loss scaling is needed. Frozen LoRA base weights are stored in bf16 there (they are
-never updated, so nothing is lost; ``trainer.models.param_dtype``), QLoRA bases in NF4 with bf16
-compute. On CPU the default is plain fp32; ``precision=bf16`` on CPU is honoured with CPU bf16
-autocast (useful on CPUs with AMX, and to test bf16 numerics without a GPU).
+Mixed precision. Master weights and optimizer states are always fp32. On a GPU with
+``precision=bf16`` the forward and backward run in bf16 with reductions (norms, softmax, the loss)
+in fp32; bf16 has fp32's exponent range, so no loss scaling is needed. ``train.mixed_precision``
+picks where the bf16 weights come from: bf16 autocast over fp32 parameters (default), or bf16
+parameters refreshed once per step from fp32 masters held by the optimizer (``bf16_weights``; see
+``trainer.precision``). Frozen LoRA base weights are stored in bf16 (they are never updated, so
+nothing is lost; ``trainer.models.param_dtype``), QLoRA bases in NF4 with bf16 compute. On CPU the
+default is plain fp32; ``precision=bf16`` on CPU is honoured (CPU bf16 autocast or bf16 weights),
+which is how bf16 numerics are tested without a GPU.
 """
 from __future__ import annotations
 
@@ -36,17 +38,11 @@ from trainer.methods import Method, Run, build_method
 from trainer.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gb, plot_losses, summary_table, training_flops_per_token
 from trainer.models import build_model, count_parameters, load_tokenizer
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.precision import autocast_context, keep_lora_inputs_in_compute_dtype, to_bf16_working_weights, uses_autocast
 
 
 class TrainingError(RuntimeError):
     """A run that cannot continue (non-finite loss...): printed as one line by the launcher."""
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision`` bf16/fp8 (fp8 GEMMs come from the float8 linears); else nothing."""
-    if precision in ("bf16", "fp8"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class Trainer(Stateful):
@@ -82,8 +78,9 @@ class Trainer(Stateful):
         self.tokenizer = load_tokenizer(cfg.model)
         model = build_model(cfg, self.device)
         self.trainable_params, self.total_params = count_parameters(model)
+        masters = _apply_precision(model, cfg)
         _apply_model_passes(model, cfg)
-        self.model, self.optimizer = s.wrap(model, partial(build_optimizer, cfg))
+        self.model, self.optimizer = s.wrap(model, partial(build_optimizer, cfg, masters=masters))
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.method = self.method or build_method(cfg)
         self.run = Run(cfg=cfg, tokenizer=self.tokenizer, model=self.model, strategy=s, device=self.device,
@@ -117,7 +114,7 @@ class Trainer(Stateful):
         kind = "qlora" if cfg.quant.load_in_4bit else ("dora" if cfg.lora.use_dora else "lora") if cfg.lora.enabled else "full"
         return (f"[bold]{cfg.train.method}[/] ({kind}) {cfg.model.path}: trainable {self.trainable_params / 1e6:,.2f}M / "
                 f"{self.total_params / 1e6:,.1f}M params ({share:.2f}%) | device {self.device} | precision {cfg.precision} | "
-                f"strategy {s.name} x{s.world_size} | activation checkpointing {cfg.train.activation_checkpointing} | "
+                f"{cfg.train.mixed_precision} | compile {cfg.train.compile} | strategy {s.name} x{s.world_size} | activation checkpointing {cfg.train.activation_checkpointing} | "
                 f"batch {cfg.train.micro_batch_size}x{cfg.train.grad_accum}x{s.world_size} of {cfg.train.seq_len} tokens")
 
     def log(self, text: str) -> None:
@@ -125,7 +122,7 @@ class Trainer(Stateful):
             self.console.print(text, highlight=False)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast_context(self.device, self.cfg.precision)
+        return autocast_context(self.device, self.cfg.precision, self.cfg.train.mixed_precision)
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
@@ -170,7 +167,8 @@ class Trainer(Stateful):
         batches = [m.next_batch() for _ in range(t.grad_accum)]
         # the normalizer of the whole window on all ranks, known before any forward: exact accumulation
         normalizer = float(s.all_reduce_sum(sum(m.normalizer(b) for b in batches)))
-        loss_total = torch.zeros((), dtype=torch.float64)
+        # summed on the device: a .cpu() per micro-batch would stall the launch queue every time
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, float] = {}
         tokens = 0
         for i, batch in enumerate(batches):
@@ -181,7 +179,7 @@ class Trainer(Stateful):
                     out = m.loss(self.model, batch)
                 loss = out.loss_sum / max(normalizer, 1.0)
                 s.backward(loss, self.model)
-            loss_total += loss.detach().double().cpu()
+            loss_total += loss.detach().double()
             tokens += out.num_tokens
             for k, v in out.metrics.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / len(batches)
@@ -236,7 +234,19 @@ class Trainer(Stateful):
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Move a CPU batch; pinned host memory makes the copy truly asynchronous on CUDA."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def _apply_precision(model: torch.nn.Module, cfg: Config) -> dict[int, torch.Tensor] | None:
+    """The mixed-precision scheme's changes to the model; returns the fp32 masters for ``bf16_weights``."""
+    if cfg.train.mixed_precision == "bf16_weights":
+        return to_bf16_working_weights(model)
+    if uses_autocast(cfg.precision, cfg.train.mixed_precision):
+        keep_lora_inputs_in_compute_dtype(model)
+    return None
 
 
 def _apply_model_passes(model: torch.nn.Module, cfg: Config) -> None:
