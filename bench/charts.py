@@ -49,10 +49,15 @@ def _sft_lines(data: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"  {case}: {r.get('skipped') and 'skipped: ' + r['skipped'] or r.get('error', 'no result')}"[:240])
     for c in data.get("comparisons", []):
-        lines.append(f"  => {c['shape']} {c['method']} vs {c['baseline']}: {c['speedup']:.2f}x tok/s, "
+        target = {True: ", target MET", False: ", target missed", None: ""}[c.get("target_met")]
+        lines.append(f"  => {c['shape']} {c['method']} {c.get('side', 'ours')} vs {c['baseline']}: {c['speedup']:.2f}x tok/s, "
                      f"{_num(c.get('mem_ratio'), '{:.2f}')}x mem, loss delta {c['loss_delta']:+.3f} "
-                     f"({'agrees' if c['loss_agree'] else 'DIFFERS'}), target {'MET' if c['target_met'] else 'missed'}")
+                     f"({'agrees' if c['loss_agree'] else 'DIFFERS'}){target}")
     return lines
+
+
+def _is_ours(side: str | None) -> bool:
+    return side is not None and (side == "ours" or side.startswith("ours-"))
 
 
 def _generic_lines(data: dict[str, Any]) -> list[str]:
@@ -89,23 +94,24 @@ def markdown_rows(data: dict[str, Any]) -> list[str]:
     if data["bench"] == "sft_vs_trl":
         out = []
         for c in data.get("comparisons", []):
-            ours, base = rows[(c["shape"], c["method"], "ours")], rows[(c["shape"], c["method"], c["baseline"])]
+            side = c.get("side", "ours")  # results written before variants existed compare "ours" only
+            ours, base = rows[(c["shape"], c["method"], side)], rows[(c["shape"], c["method"], c["baseline"])]
             out.append(_row(
-                data, f"{c['shape']} {c['method']} vs {c['baseline']}",
+                data, f"{c['shape']} {c['method']} {'' if side == 'ours' else side + ' '}vs {c['baseline']}",
                 f"{_num(ours['tokens_per_s'])} tok/s, {_num(ours.get('peak_mem_gib'), '{:.2f}')} GiB",
                 f"{_num(base['tokens_per_s'])} tok/s, {_num(base.get('peak_mem_gib'), '{:.2f}')} GiB",
-                f"{c['speedup']:.2f}x speed, {_num(c.get('mem_ratio'), '{:.2f}')}x mem", c["target"], c["target_met"]))
+                f"{c['speedup']:.2f}x speed, {_num(c.get('mem_ratio'), '{:.2f}')}x mem", c.get("target") or "-", c.get("target_met")))
         return out
     if data["bench"] == "full_ft_mfu":
         target = data.get("target_mfu", 0.45)
         out = []
         for (shape, method, side), r in rows.items():
-            if side != "ours" or not r.get("tokens_per_s"):
+            if not _is_ours(side) or not r.get("tokens_per_s"):
                 continue
-            base = next((b for (s, m, bs), b in rows.items() if s == shape and bs != "ours" and b.get("tokens_per_s")), None)
+            base = next((b for (s, m, bs), b in rows.items() if s == shape and not _is_ours(bs) and b.get("tokens_per_s")), None)
             mfu = lambda x: f"{x['mfu']:.1%} MFU ({_num(x['tokens_per_s'])} tok/s)" if x.get("mfu") is not None else f"{_num(x['tokens_per_s'])} tok/s"
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-            out.append(_row(data, f"{shape} full FT bf16", mfu(r), f"{base['side']}: {mfu(base)}" if base else "-", ratio,
+            out.append(_row(data, f"{shape} full FT bf16{'' if side == 'ours' else ' ' + side}", mfu(r), f"{base['side']}: {mfu(base)}" if base else "-", ratio,
                             f">= {target:.0%} MFU", r.get("target_met")))
         return out
     return []
@@ -115,6 +121,14 @@ def markdown_rows(data: dict[str, Any]) -> list[str]:
 # Charts
 # --------------------------------------------------------------------------------------------
 SIDE_COLORS = {"ours": "#1f77b4", "trl": "#ff7f0e", "trl_liger": "#2ca02c"}
+VARIANT_COLORS = ("#9467bd", "#17becf", "#8c564b", "#e377c2")  # ours-NAME sides, in order of appearance
+
+
+def side_color(side: str, sides: list[str]) -> str | None:
+    if side in SIDE_COLORS:
+        return SIDE_COLORS[side]
+    variants = [s for s in sides if s not in SIDE_COLORS]
+    return VARIANT_COLORS[variants.index(side) % len(VARIANT_COLORS)] if side in variants else None
 
 
 def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -137,7 +151,7 @@ def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
         xs = [i + (j - (len(sides) - 1) / 2) * width for i in range(len(cases))]
         for ax, (key, scale) in zip(axes, (("tokens_per_s", 1.0), (second[0], second[2]))):
             values = [(by_case[c].get(key) or 0) * scale if c in by_case else 0 for c in cases]
-            ax.bar(xs, values, width, label=side, color=SIDE_COLORS.get(side))
+            ax.bar(xs, values, width, label=side, color=side_color(side, sides))
     for ax, label in zip(axes, ("tokens/s (higher is better)", second[1])):
         ax.set_xticks(range(len(cases)), cases)
         ax.set_ylabel(label)
@@ -157,7 +171,7 @@ def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), dpi=120, squeeze=False)
         for ax, case in zip(axes[0], cases):
             for r in (r for r in curves if f"{r['shape']}\n{r['method']}" == case):
-                ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["side"], color=SIDE_COLORS.get(r["side"]), lw=1.2)
+                ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["side"], color=side_color(r["side"], sides), lw=1.2)
             ax.set_title(case.replace("\n", " "))
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)

@@ -8,6 +8,11 @@ the same recipe is the baseline.
     python bench/full_ft_mfu.py --out full_ft.json                  # ours and TRL, llama-3.2-1b
     python bench/full_ft_mfu.py --sides ours --profile              # + top ops by CUDA time
     python bench/full_ft_mfu.py --smoke                             # tiny model on CPU
+    python bench/full_ft_mfu.py --ours-variants "compiled=train.compile=true" --time-budget 520   # + a variant side
+
+``--ours-variants "NAME=key=value,..."`` measures our trainer again with config overrides (e.g.
+``train.compile=true``) as side ``ours-NAME`` in the same call, with its MFU and its speed against
+the default side (``x ours``); ``--time-budget`` keeps the whole run inside the caller's timeout.
 
 MFU = tokens/s x model FLOPs per token / the GPU's dense BF16 peak. FLOPs per token are
 6 x (non-embedding params + LM head) + 12 x layers x heads x head_dim x seq_len (attention, no
@@ -35,7 +40,11 @@ def with_mfu(rows: list[dict[str, Any]], seq_len: int) -> list[dict[str, Any]]:
         flops_per_token = common.train_flops_per_token(common.hf_config(row["shape"]), seq_len)
         row["tflops_per_gpu"] = round(row["tokens_per_s"] * flops_per_token / 1e12, 1)
         row["mfu"] = round(row["tokens_per_s"] * flops_per_token / peak, 4) if peak else None
-        row["target_met"] = row["mfu"] >= TARGET_MFU if row["mfu"] is not None and row["side"] == "ours" else None
+        row["target_met"] = row["mfu"] >= TARGET_MFU if row["mfu"] is not None and sft_vs_trl.is_ours(row["side"]) else None
+    default = {r["shape"]: r["tokens_per_s"] for r in rows if r["side"] == "ours" and r.get("tokens_per_s")}
+    for row in rows:
+        if row["side"].startswith("ours-") and row.get("tokens_per_s") and row["shape"] in default:
+            row["vs_ours"] = round(row["tokens_per_s"] / default[row["shape"]], 3)
     return rows
 
 
@@ -58,7 +67,7 @@ def main() -> None:
     common.print_table(
         f"full fine-tuning, bf16 autocast, {args.seq_len}-token packed, micro-batch {args.micro_batch} x accum {args.grad_accum}, "
         f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}",
-        rows, [("shape", "shape"), ("side", "side"), ("tokens_per_s", "tokens/s"), ("tflops_per_gpu", "TFLOP/s"), ("mfu", "MFU"),
+        rows, [("shape", "shape"), ("side", "side"), ("tokens_per_s", "tokens/s"), ("tflops_per_gpu", "TFLOP/s"), ("mfu", "MFU"), ("vs_ours", "x ours"),
                ("peak_mem_gib", "peak GiB"), ("final_loss", "final loss"), ("target_met", f"MFU >= {TARGET_MFU:.0%}")],
         notes=notes,
     )

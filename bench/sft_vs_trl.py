@@ -8,19 +8,30 @@ optimizer steps, data loading included), peak memory, and the loss curve.
 
     python bench/sft_vs_trl.py --shapes smollm2-135m,llama-3.2-1b --methods lora,qlora --out sft.json
     python bench/sft_vs_trl.py --smoke                      # tiny model on CPU: checks the code paths
+    python bench/sft_vs_trl.py --shapes llama-3.2-1b --methods qlora --steps 12 --warmup 3 --time-budget 260 \
+        --ours-variants "compiled=train.compile=true"     # + our trainer with overrides, as its own side
 
 The sides: ``ours`` (crucible's trainer, driven in-process by the worker), ``trl`` (SFTTrainer,
 packing=True with BFD + padding-free position ids, its fused LM head), ``trl_liger`` (the same with
 ``use_liger_kernel=True``: Liger's RMSNorm/RoPE/SwiGLU kernels; TRL 1.16 keeps its own fused LM head
 instead of Liger's fused linear cross-entropy). Attention is SDPA on every side.
+
+``--ours-variants "NAME=key=value,key=value;NAME2=..."`` adds one side per variant, ``ours-NAME``:
+our trainer with those config overrides on top of the case's (e.g. ``train.compile=true``), compared
+with the default side and with every baseline. Overrides are validated against the config schema
+before any model or corpus is built, so a misspelt key fails in a second, not after a model load.
+``--time-budget`` bounds the whole run: a side gets at most the time left, and a side that cannot
+start with ``MIN_SIDE_S`` left is recorded as skipped, so the table and JSON always come out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +42,59 @@ SIDES = ("ours", "trl", "trl_liger")
 METHODS = ("lora", "qlora", "full")  # full: every weight trains (full_ft_mfu.py)
 TARGET_SPEEDUP = 2.0  # issue 10: >= 2.0x TRL tokens/s at <= TRL peak memory
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MIN_SIDE_S = 60.0  # --time-budget: a side needs about this long (start-up, model load, a few steps)
+
+
+def is_ours(side: str) -> bool:
+    """``ours`` and its variants ``ours-NAME`` are crucible; every other side is a baseline."""
+    return side == "ours" or side.startswith("ours-")
+
+
+# --------------------------------------------------------------------------------------------
+# --ours-variants: extra crucible sides, each a list of config overrides
+# --------------------------------------------------------------------------------------------
+def parse_variants(text: str) -> dict[str, list[str]]:
+    """``"compiled=train.compile=true;big=train.micro_batch_size=8,train.grad_accum=1"`` -> {name: overrides}.
+
+    Overrides split at commas that start a new ``key=`` so list values keep theirs
+    (``lora.target_modules=q_proj,v_proj,train.compile=true`` is two overrides).
+    """
+    variants: dict[str, list[str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, sep, rest = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", name) or not rest:
+            raise argparse.ArgumentTypeError(f"variant {item!r}: want NAME=key=value[,key=value...] (NAME: letters, digits, _)")
+        if name in variants:
+            raise argparse.ArgumentTypeError(f"variant name {name!r} given twice")
+        overrides = re.split(r",(?=[A-Za-z_][\w.]*=)", rest)
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise argparse.ArgumentTypeError(f"variant {name!r}: {bad[0]!r} is not key=value")
+        variants[name] = overrides
+    return variants
+
+
+def check_variant_configs(args) -> None:
+    """Resolve every (method, variant) config now: an unknown key or bad value exits with the config error."""
+    from trainer.config import ConfigError, load_config
+
+    for method in args.methods:
+        for name, overrides in args.ours_variants.items():
+            probe = case_spec(args, "tiny", method, f"ours-{name}", "<model>", Path("<corpus>"), Path("<workdir>"))
+            try:
+                load_config(ours_overrides(probe) + overrides)
+            except ConfigError as e:  # exit 2 with one line, as the launchers do on a config error
+                print(f"error: --ours-variants {name} ({method}): {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+
+def all_sides(args) -> list[str]:
+    """The requested sides with each variant right after ``ours``, so default and variant run back to back."""
+    variants = [f"ours-{name}" for name in args.ours_variants]
+    if "ours" not in args.sides:
+        return variants + args.sides
+    at = args.sides.index("ours") + 1
+    return args.sides[:at] + variants + args.sides[at:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +107,8 @@ def case_spec(args, shape: str, method: str, side: str, model_dir: str, corpus_d
         output_dir=str(workdir / "runs" / name), result=str(common.worker_result_path(workdir, name)),
         steps=args.steps, warmup=args.warmup, seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
         lr=args.lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, activation_checkpointing=args.activation_checkpointing,
-        seed=args.seed, profile=args.profile and side == "ours", device="cuda" if _cuda() else "cpu",
+        seed=args.seed, profile=args.profile and is_ours(side), device="cuda" if _cuda() else "cpu",
+        overrides=args.ours_variants.get(side.removeprefix("ours-"), []) if side != "ours" else [],
     )
 
 
@@ -160,9 +225,9 @@ def ours_overrides(spec: dict[str, Any]) -> list[str]:
 
 
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    run = common.run_crucible(ours_overrides(spec), spec["warmup"], spec["steps"], profile_steps=3 if spec["profile"] else 0)
+    run = common.run_crucible(ours_overrides(spec) + spec["overrides"], spec["warmup"], spec["steps"], profile_steps=3 if spec["profile"] else 0)
     trainer_cfg = run["config"]
-    return summarize(spec, run["times"], run["tokens"], run["losses"], top_ops=run["top_ops"],
+    return summarize(spec, run["times"], run["tokens"], run["losses"], top_ops=run["top_ops"], overrides=spec["overrides"],
                      trainable_params=run["trainable_params"], precision=trainer_cfg.precision, activation_checkpointing=trainer_cfg.train.activation_checkpointing)
 
 
@@ -175,7 +240,7 @@ def skip_reason(method: str, side: str) -> str | None:
 
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes not installed"
-    if side.startswith("trl") and importlib.util.find_spec("trl") is None:
+    if not is_ours(side) and importlib.util.find_spec("trl") is None:
         return "trl not installed"
     if side == "trl_liger" and (importlib.util.find_spec("liger_kernel") is None or not _cuda()):
         return "liger-kernel needs CUDA and the liger-kernel package"
@@ -183,22 +248,30 @@ def skip_reason(method: str, side: str) -> str | None:
 
 
 def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ours against each TRL side of the same (shape, method): speed-up, memory ratio, loss agreement."""
+    """Each crucible side against each baseline of the same (shape, method), and each variant against
+    the default ``ours``: speed-up, memory ratio, loss agreement (the target applies to baselines only)."""
     out = []
     by_case = {(r["shape"], r["method"], r["side"]): r for r in rows if r.get("tokens_per_s")}
-    for (shape, method, side), base in by_case.items():
-        ours = by_case.get((shape, method, "ours"))
-        if side == "ours" or ours is None:
+    for (shape, method, side), ours in by_case.items():
+        if not is_ours(side):
             continue
-        noise = max(ours["loss_noise"], base["loss_noise"], 0.02 * abs(base["final_loss"]))
-        delta = ours["final_loss"] - base["final_loss"]
-        speedup = ours["tokens_per_s"] / base["tokens_per_s"]
-        mem_ratio = ours["peak_mem_gib"] / base["peak_mem_gib"] if ours["peak_mem_gib"] and base["peak_mem_gib"] else None
-        met = speedup >= TARGET_SPEEDUP and (mem_ratio is None or mem_ratio <= 1.0)
-        out.append(dict(shape=shape, method=method, baseline=side, speedup=round(speedup, 3),
-                        mem_ratio=round(mem_ratio, 3) if mem_ratio else None, loss_delta=round(delta, 4),
-                        loss_agree=abs(delta) <= 2 * noise, target=f">= {TARGET_SPEEDUP}x at <= 1.0x mem", target_met=met))
+        baselines = [b for (s, m, b) in by_case if (s, m) == (shape, method) and not is_ours(b)]
+        for baseline in baselines + (["ours"] if side != "ours" and (shape, method, "ours") in by_case else []):
+            out.append(dict(shape=shape, method=method, side=side, baseline=baseline,
+                            **ratios(ours, by_case[(shape, method, baseline)], against_target=not is_ours(baseline))))
     return out
+
+
+def ratios(ours: dict[str, Any], base: dict[str, Any], against_target: bool) -> dict[str, Any]:
+    """Speed-up, memory ratio and loss agreement (within twice the larger noise, or 2% of the loss)."""
+    noise = max(ours["loss_noise"], base["loss_noise"], 0.02 * abs(base["final_loss"]))
+    delta = ours["final_loss"] - base["final_loss"]
+    speedup = ours["tokens_per_s"] / base["tokens_per_s"]
+    mem_ratio = ours["peak_mem_gib"] / base["peak_mem_gib"] if ours["peak_mem_gib"] and base["peak_mem_gib"] else None
+    met = speedup >= TARGET_SPEEDUP and (mem_ratio is None or mem_ratio <= 1.0)
+    return dict(speedup=round(speedup, 3), mem_ratio=round(mem_ratio, 3) if mem_ratio else None, loss_delta=round(delta, 4),
+                loss_agree=abs(delta) <= 2 * noise, target=f">= {TARGET_SPEEDUP}x at <= 1.0x mem" if against_target else None,
+                target_met=met if against_target else None)
 
 
 def case_parser(description: str, *, shapes: list[str], methods: list[str], sides: list[str], micro_batch: int, grad_accum: int,
@@ -220,12 +293,17 @@ def case_parser(description: str, *, shapes: list[str], methods: list[str], side
                    metavar="on|off", help="the same on every side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--case-timeout", type=float, default=300, help="seconds before one side is killed")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run (set it below the caller's timeout): sides get at most what is left")
+    p.add_argument("--ours-variants", type=parse_variants, default={}, metavar="NAME=k=v,k=v;...",
+                   help="extra crucible sides ours-NAME, each with these config overrides")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def run_cases(args, bench: str, extra=lambda rows: {}) -> tuple[list[dict[str, Any]], list[str]]:
     """Every (shape, method, side) in its own worker process; results saved after each one."""
+    started = time.perf_counter()
     if args.smoke:  # the same code paths in seconds on a CPU
         args.shapes, args.steps, args.warmup, args.seq_len, args.micro_batch, args.grad_accum = ["tiny"], 2, 1, 128, 2, 1
     for name, allowed in (("methods", METHODS), ("sides", SIDES)):
@@ -234,6 +312,7 @@ def run_cases(args, bench: str, extra=lambda rows: {}) -> tuple[list[dict[str, A
             raise SystemExit(f"error: --{name} {','.join(bad)} unknown; choose from {','.join(allowed)}")
     for shape in args.shapes:
         common.hf_config(shape)  # unknown shape: one-line error before any work
+    check_variant_configs(args)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix=f"bench-{bench}-"))
     tokens_needed = int(1.15 * (args.warmup + args.steps + 3) * args.micro_batch * args.grad_accum * args.seq_len)
@@ -241,32 +320,39 @@ def run_cases(args, bench: str, extra=lambda rows: {}) -> tuple[list[dict[str, A
     docs = common.corpus_documents(common.load_tokenizer(), tokens_needed, args.seq_len - 1, args.seed)
     corpus = common.write_corpus(workdir / "corpus", docs)
 
-    rows, notes = [], []
+    rows = []
+    notes = [f"ours-{name} = ours + {' '.join(overrides)}" for name, overrides in args.ours_variants.items()]
     for shape in args.shapes:
         print(f"model: random-init {shape}", flush=True)
         model_dir = common.build_model_dir(shape, workdir / f"model-{shape}", seed=args.seed)
         if common.vocab_note(shape):
             notes.append(f"{shape}: {common.vocab_note(shape)}")
         for method in args.methods:
-            for side in args.sides:
+            for side in all_sides(args):
                 spec = case_spec(args, shape, method, side, model_dir, corpus, workdir)
-                row = dict(shape=shape, method=method, side=side)
-                reason = skip_reason(method, side)
-                if reason:
-                    row["skipped"] = reason
-                    notes.append(f"{shape}/{method}/{side} skipped: {reason}")
-                else:
-                    spec_path = workdir / "specs" / f"{spec['name']}.json"
-                    spec_path.parent.mkdir(parents=True, exist_ok=True)
-                    spec_path.write_text(json.dumps(spec))
-                    print(f"== {spec['name']}", flush=True)
-                    row.update(common.run_worker([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-                                                 Path(spec["result"]), timeout=args.case_timeout, label=spec["name"]))
-                    if "error" in row:
-                        notes.append(f"{spec['name']} failed: {row['error']}")
+                left = None if args.time_budget is None else args.time_budget - (time.perf_counter() - started)
+                row = dict(shape=shape, method=method, side=side, **run_side(spec, workdir, args.case_timeout, left))
+                if row.get("skipped") or row.get("error"):
+                    notes.append(f"{spec['name']} {'skipped' if row.get('skipped') else 'failed'}: {row.get('skipped') or row['error']}")
                 rows.append(row)
                 common.save_results(args.out, bench, args, rows, notes=notes, **extra(rows))
     return rows, notes
+
+
+def run_side(spec: dict[str, Any], workdir: Path, case_timeout: float, seconds_left: float | None) -> dict[str, Any]:
+    """One side in a worker process, under the smaller of the case timeout and the time left; or why it did not run."""
+    reason = skip_reason(spec["method"], spec["side"])
+    if reason:
+        return {"skipped": reason}
+    if seconds_left is not None and seconds_left < MIN_SIDE_S:
+        return {"skipped": f"time budget: {max(seconds_left, 0):.0f}s left, a side needs ~{MIN_SIDE_S:.0f}s"}
+    spec_path = workdir / "specs" / f"{spec['name']}.json"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(json.dumps(spec))
+    timeout = case_timeout if seconds_left is None else min(case_timeout, seconds_left)
+    print(f"== {spec['name']} (at most {timeout:.0f}s)", flush=True)
+    return common.run_worker([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+                             Path(spec["result"]), timeout=timeout, label=spec["name"])
 
 
 def main() -> None:
@@ -282,7 +368,7 @@ def main() -> None:
 def report(rows, comparisons, notes, args) -> None:
     for r in rows:
         if r.get("top_ops"):
-            common.print_table(f"top ops by self CUDA time: ours, {r['shape']} {r['method']}", r["top_ops"],
+            common.print_table(f"top ops by self CUDA time: {r['side']}, {r['shape']} {r['method']}", r["top_ops"],
                                [("op", "op"), ("self_ms", "self ms"), ("pct", "%"), ("calls", "calls")])
     common.print_table(
         f"SFT {args.seq_len}-token packed, micro-batch {args.micro_batch} x accum {args.grad_accum}, {args.steps} steps after {args.warmup} warm-up",
@@ -290,7 +376,7 @@ def report(rows, comparisons, notes, args) -> None:
                ("peak_mem_gib", "peak GiB"), ("final_loss", "final loss"), ("wall_s", "wall s")],
     )
     common.print_table("crucible vs baseline", comparisons,
-                       [("shape", "shape"), ("method", "method"), ("baseline", "baseline"), ("speedup", "speed-up"),
+                       [("shape", "shape"), ("method", "method"), ("side", "side"), ("baseline", "baseline"), ("speedup", "speed-up"),
                         ("mem_ratio", "mem ratio"), ("loss_delta", "loss delta"), ("loss_agree", "loss agrees"), ("target_met", "target met")],
                        notes=notes)
 
