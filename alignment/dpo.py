@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ import torch
 from alignment import losses as L
 from alignment.pairs import BUILTIN_PAIRS, PairEncoder, encode_pairs, load_pair_rows, save_rows
 from alignment.reference import Reference, resolve_kind
-from alignment.report import first_last, plot_curves, print_summary
+from alignment.report import first_last, plot_curves, print_summary, series
 from alignment.sequences import rows_from_documents, sum_by_document, token_logprobs
 from trainer.methods import LossOutput, Method, Run
+from trainer.metrics import read_history
 
 
 class DPOMethod(Method):
@@ -54,8 +56,10 @@ class DPOMethod(Method):
                 self.reference = Reference(resolve_kind(kind, cfg.lora.enabled), run.unwrapped, "dpo.reference")
         self.epoch, self.cursor = 0, 0
         self.order = self._epoch_order(0)
-        self.initial_val = self.evaluate(run)
+        self.initial_val = self.evaluate(run)  # the untrained policy (setup runs before any resume loads weights)
         if strategy.is_main:
+            if self.initial_val:
+                write_start_record(Path(run.output_dir) / "metrics.jsonl", self.initial_val)
             info = [("pairs (train / val)", f"{len(train_all)} / {len(self.val_all)}"), ("rows skipped", str(sum(stats.skipped.values()))),
                     ("completions truncated", str(stats.truncated)), ("loss", cfg.dpo.loss),
                     ("reference", "none (reference-free)" if not L.needs_reference(cfg.dpo.loss) else cfg.dpo.reference)]
@@ -192,13 +196,26 @@ class DPOMethod(Method):
             fl = first_last(history, key)
             if fl:
                 rows.append((f"train {key} (first -> last steps)", f"{fl[0]:.3f} -> {fl[1]:.3f}"))
-        final = self.evaluate(run)
-        for key in ("val_loss", "val_accuracy", "val_margin"):
-            if key in final:
-                rows.append((f"{key} (start -> end)", f"{self.initial_val[key]:.3f} -> {final[key]:.3f}"))
+        for key in ("val_loss", "val_accuracy", "val_margin"):  # step 0 (before training) -> the loop's last validation
+            _, values = series(history, key)
+            if len(values) >= 2:
+                rows.append((f"{key} (step 0 -> end)", f"{values[0]:.3f} -> {values[-1]:.3f}"))
         if png:
             rows.append(("curves", str(png)))
         print_summary("DPO summary", rows)
+
+
+def write_start_record(path: Path, val: dict[str, float]) -> None:
+    """Put ``{"step": 0, **val}`` first in metrics.jsonl, so the file (and the curves) show where accuracy started.
+
+    The loop logs from step 1 and opens metrics.jsonl only after setup; its logger keeps the records
+    at or before the step it starts from (step 0 on a fresh run, the checkpoint's on a resume), so
+    this one stays. Records of an earlier run in the same directory past step 0 are left for the
+    logger to keep or drop as it does for any resume.
+    """
+    later = [r for r in read_history(path) if r.get("step", 0) > 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, **val}, *later]))
 
 
 def _metrics(lp: L.PairLogps, cfg) -> dict[str, float]:
