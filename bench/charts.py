@@ -5,8 +5,9 @@
         # -> <bench>.png (+ <bench>-loss.png) and tables.md: one markdown table per benchmark with
         #    date, GPU, commit, command, our number, baseline number, ratio, target
 
-``sft_vs_trl`` and ``full_ft_mfu`` get purpose-built rows and charts; any other bench JSON with a
-``rows`` list is summarized generically (its scalar fields), so every script in bench/ shows up.
+``sft_vs_trl``, ``full_ft_mfu`` and ``engine_latency`` get purpose-built rows and charts; any other
+bench JSON with a ``rows`` list is summarized generically (its scalar fields), so every script in
+bench/ shows up.
 """
 from __future__ import annotations
 
@@ -74,9 +75,30 @@ def _generic_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _latency_lines(data: dict[str, Any]) -> list[str]:
+    lines = []
+    for r in data.get("rows", []):
+        if r.get("error"):
+            lines.append(f"  {r.get('case')}: {r['error']}"[:240])
+        elif "ttft_p99_ms" in r:
+            lines.append(f"  {r['case']}: {_num(r['req_per_s'], '{:.1f}')} req/s, {_num(r['out_tok_per_s'])} out tok/s, "
+                         f"TTFT p50/p99 {_num(r['ttft_p50_ms'], '{:.1f}')}/{_num(r['ttft_p99_ms'], '{:.1f}')} ms, "
+                         f"hit rate {_num(r.get('prefix_hit_rate'), '{:.0%}')}")
+        else:
+            lines.append(f"  {r['case']} (budget {r['budget']}): decode TPOT p50/p99/max {_num(r['tpot_p50_ms'], '{:.1f}')}/"
+                         f"{_num(r['tpot_p99_ms'], '{:.1f}')}/{_num(r['tpot_max_ms'], '{:.1f}')} ms, "
+                         f"long TTFT mean {_num(r['long_ttft_mean_ms'], '{:.0f}')} ms")
+    return lines
+
+
 def summary_lines(data: dict[str, Any]) -> list[str]:
     head = f"{data['bench']} on {_gpu(data)} ({data.get('date', '?')})"
-    body = _sft_lines(data) if data["bench"] in ("sft_vs_trl", "full_ft_mfu") else _generic_lines(data)
+    if data["bench"] in ("sft_vs_trl", "full_ft_mfu"):
+        body = _sft_lines(data)
+    elif data["bench"] == "engine_latency":
+        body = _latency_lines(data)
+    else:
+        body = _generic_lines(data)
     return [head] + body[: MAX_ROWS + 6] + [f"  note: {n}"[:240] for n in data.get("notes", [])[:4]]
 
 
@@ -114,7 +136,32 @@ def markdown_rows(data: dict[str, Any]) -> list[str]:
             out.append(_row(data, f"{shape} full FT bf16{'' if side == 'ours' else ' ' + side}", mfu(r), f"{base['side']}: {mfu(base)}" if base else "-", ratio,
                             f">= {target:.0%} MFU", r.get("target_met")))
         return out
+    if data["bench"] == "engine_latency":
+        return _latency_markdown(data)
     return []
+
+
+LATENCY_PAIRS = (  # (on case, off case, metric, label, lower is better)
+    ("prefix cache on", "prefix cache off", "ttft_p99_ms", "TTFT p99 (ms)", True),
+    ("prefix cache on", "prefix cache off", "out_tok_per_s", "output tok/s", False),
+    ("chunked prefill on", "chunked prefill off", "tpot_p99_ms", "decode TPOT p99 (ms)", True),
+    ("chunked prefill on", "chunked prefill off", "long_ttft_mean_ms", "long-prompt TTFT mean (ms)", True),
+)
+
+
+def _latency_markdown(data: dict[str, Any]) -> list[str]:
+    """One row per (feature, metric): the feature on ("ours") against off (the baseline), same call."""
+    cases = {r.get("case"): r for r in data.get("rows", []) if not r.get("error")}
+    out = []
+    for on, off, key, label, lower in LATENCY_PAIRS:
+        a, b = cases.get(on, {}).get(key), cases.get(off, {}).get(key)
+        if a is None or b is None:
+            continue
+        ratio = (b / a if lower else a / b) if a and b else None
+        better = "lower" if lower else "higher"
+        out.append(_row(data, f"{on.rsplit(' ', 1)[0]} on vs off: {label}", f"on: {a:,.1f}", f"off: {b:,.1f}",
+                        f"{_num(ratio, '{:.2f}')}x {better}" if ratio else "-", "-", None))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +178,46 @@ def side_color(side: str, sides: list[str]) -> str | None:
     return VARIANT_COLORS[variants.index(side) % len(VARIANT_COLORS)] if side in variants else None
 
 
+def latency_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """engine_latency: TTFT with prefix caching on/off; the decode stall with chunked prefill on/off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = {r.get("case"): r for r in data.get("rows", []) if not r.get("error")}
+    panels = [(("prefix cache on", "prefix cache off"), (("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99")),
+               "shared system prompt: time to first token (ms)"),
+              (("chunked prefill on", "chunked prefill off"), (("tpot_p50_ms", "TPOT p50"), ("tpot_p99_ms", "TPOT p99"), ("tpot_max_ms", "TPOT max")),
+               "long prompts during decode: decode gap (ms)")]
+    panels = [p for p in panels if any(c in cases for c in p[0])]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), dpi=120, squeeze=False)
+    for ax, (modes, metrics, title) in zip(axes[0], panels):
+        width = 0.8 / len(modes)
+        for j, mode in enumerate(m for m in modes if m in cases):
+            r = cases[mode]
+            extra = f", hit rate {r['prefix_hit_rate']:.0%}" if r.get("prefix_hit_rate") is not None else \
+                f", long TTFT {r['long_ttft_mean_ms']:,.0f} ms" if r.get("long_ttft_mean_ms") is not None else ""
+            xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(metrics))]
+            ax.bar(xs, [r.get(key) or 0 for key, _ in metrics], width, label=mode + extra, color=("#1f77b4", "#ff7f0e")[j % 2])
+        ax.set_xticks(range(len(metrics)), [label for _, label in metrics])
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"engine_latency on {_gpu(data)} ({data.get('commit', '?')}, {data.get('shape', '?')})")
+    fig.tight_layout()
+    path = out_dir / "engine_latency.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
 def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """Throughput (and MFU or peak memory) bars per case and side; loss curves when there are any."""
+    if data.get("bench") == "engine_latency":
+        return latency_chart(data, out_dir)
     import matplotlib
 
     matplotlib.use("Agg")
