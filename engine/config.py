@@ -17,6 +17,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True  # split long prompts across steps, mixed with decodes
     enforce_eager: bool = False  # GPU: skip CUDA-graph capture of decode steps
+    gemv: bool = True  # GPU: Triton GEMV for projections at <= 8 rows (tuned against cuBLAS at start-up)
+    launch_ahead: bool = True  # GPU graphs: queue the next decode step before step() returns (hides host time)
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)
     attention_backend: str = "auto"  # auto (triton on GPU, torch on CPU) | torch | triton
     adapter: str | None = None  # eval: PEFT adapter dir merged into the base weights at load time

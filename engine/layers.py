@@ -14,7 +14,8 @@ class Linear(nn.Module):
     """Every projection of the model. A fused projection (qkv, gate/up) lists its parts in
     ``output_sizes`` so loaders can write each HF weight into its slice. ``adapter`` is the hook for
     batched multi-LoRA serving: a callable ``(x, y, adapter_ids) -> y + delta`` reading the per-token
-    adapter index from the step context."""
+    adapter index from the step context. ``gemv`` (set by the model runner on CUDA, ``engine.gemv``)
+    holds the Triton GEMV config per decode batch size; None, or a batch it does not cover, is cuBLAS."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, output_sizes: list[int] | None = None):
         super().__init__()
@@ -24,17 +25,63 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.adapter = None
+        self.gemv = None  # engine.kernels.gemv_tuning.GemvPlan
 
     def shard(self, tensor: torch.Tensor, part: int) -> torch.Tensor:
         """The rows of ``tensor`` (this layer's weight or bias) that hold fused part ``part``."""
         start = sum(self.output_sizes[:part])
         return tensor.narrow(0, start, self.output_sizes[part])
 
+    def gemv_config(self, x: torch.Tensor):
+        """The GEMV config for input ``x`` ([rows, K] with contiguous rows), or None for cuBLAS."""
+        if self.gemv is None or x.dim() != 2 or x.stride(-1) != 1:
+            return None
+        return self.gemv.config_for(x.shape[0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        config = self.gemv_config(x)
+        if config is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            from engine.kernels.gemv import gemv
+
+            y = gemv(x, self.weight, self.bias, config, self.gemv.workspace)
         if self.adapter is not None:
             y = self.adapter(x, y, get_context().adapter_ids)
         return y
+
+
+def _prologue_config(linear: nn.Module, x: torch.Tensor):
+    """A GEMV config when the op before ``linear`` may run in the kernel's prologue: not for an
+    adapter (its delta needs the op's output) nor a module a loader swapped in (AWQ)."""
+    if not isinstance(linear, Linear) or linear.adapter is not None:
+        return None
+    return linear.gemv_config(x)
+
+
+def norm_linear(norm: "RMSNorm", linear: Linear, x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(norm(x + residual)), x + residual)`` (no residual: ``(linear(norm(x)), x)``). At
+    decode batch sizes on CUDA one GEMV kernel does it all: the add and the norm run in its prologue."""
+    config = _prologue_config(linear, x)
+    if config is not None:
+        from engine.kernels.gemv import gemv
+
+        return gemv(x, linear.weight, linear.bias, config, linear.gemv.workspace, "add_rms_norm", residual,
+                    norm.weight, norm.eps)
+    h, residual = (norm(x), x) if residual is None else norm(x, residual)
+    return linear(h), residual
+
+
+def act_linear(act: "SiluAndMul", linear: Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(silu(gate) * up)`` of a gate/up output ``x``; on CUDA at decode batch sizes the
+    activation runs in the GEMV's prologue."""
+    config = _prologue_config(linear, x)
+    if config is not None:
+        from engine.kernels.gemv import gemv
+
+        return gemv(x, linear.weight, linear.bias, config, linear.gemv.workspace, "silu_mul")
+    return linear(act(x))
 
 
 # The elementwise chains are pure functions so the GPU path can swap in torch.compile'd versions

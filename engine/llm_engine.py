@@ -145,7 +145,20 @@ class LLMEngine:
                 seq.prompt_logprobs = [None] + seq.partial_prompt_logprobs
         if sample_seqs:
             self._sample(hidden, sample_seqs, sample_rows)
+        self._launch_ahead()
         return sorted({s.request_id for s in batch.seqs})
+
+    def _launch_ahead(self) -> None:
+        """When the next step is sure to be a decode of exactly the running sequences (nothing waits
+        to be admitted, every running sequence has its one new token), queue its replay now: the GPU
+        runs it while the caller reads outputs and the scheduler prepares the same batch."""
+        sched = self.scheduler
+        if sched.waiting or not sched.running:
+            return
+        seqs = list(sched.running)
+        if any(s.num_uncomputed_tokens != 1 or s.wants_prompt_logprobs for s in seqs):
+            return
+        self.runner.launch_ahead(seqs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seq: Sequence, row: int, start: int, end: int) -> None:
         logprobs = self.runner.logits(hidden, list(range(row, row + end - start))).log_softmax(-1)
@@ -153,10 +166,13 @@ class LLMEngine:
         seq.partial_prompt_logprobs += top_logprobs(logprobs, targets, seq.params.prompt_logprobs)
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
-        logits = self.runner.logits(hidden, rows)
         want = [s.params.logprobs is not None for s in seqs]
-        raw = logits.log_softmax(-1) if any(want) else None  # before the sampler edits logits in place
-        tokens = sample(logits, seqs, self.eos_token_ids, self.generator)
+        raw = None
+        tokens = self._device_greedy_tokens(hidden, seqs, rows) if not any(want) else None
+        if tokens is None:
+            logits = self.runner.logits(hidden, rows)
+            raw = logits.log_softmax(-1) if any(want) else None  # before the sampler edits logits in place
+            tokens = sample(logits, seqs, self.eos_token_ids, self.generator)
         if raw is not None:
             n_top = max(s.params.logprobs or 0 for s in seqs)
             entries = top_logprobs(raw, torch.tensor(tokens, device=raw.device), n_top)
@@ -172,6 +188,15 @@ class LLMEngine:
                 seq.output_logprobs.append(entry)
                 seq.cumulative_logprob += entry[token]
             self._check_stop(seq, token)
+
+    def _device_greedy_tokens(self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list[int] | None:
+        """Greedy tokens a replayed decode graph already took (its argmax): one read, the step's only
+        sync. None when a row needs the sampler (non-greedy, penalties, min_tokens masking)."""
+        if not all(s.params.greedy and not s.params.needs_penalties and s.num_output_tokens >= s.params.min_tokens
+                   for s in seqs):
+            return None
+        tokens = self.runner.greedy_tokens(hidden, rows)
+        return None if tokens is None else tokens.tolist()
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import PagedAttention
-from engine.layers import Linear, RMSNorm, RotaryEmbedding, SiluAndMul
+from engine.layers import Linear, RMSNorm, RotaryEmbedding, SiluAndMul, act_linear, norm_linear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -97,13 +96,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.attn = PagedAttention(a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, positions: torch.Tensor,
+                rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, residual stream): ``norm`` is the layer's input norm, applied to
+        ``h + residual`` (fused into the qkv projection where it can be)."""
+        qkv, residual = norm_linear(norm, self.qkv_proj, h, residual)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k, self.q_norm, self.k_norm)  # Qwen3 normalizes each head before RoPE
-        return self.o_proj(self.attn(q, k, v).flatten(1))
+        return self.o_proj(self.attn(q, k, v).flatten(1)), residual
 
 
 class MLP(nn.Module):
@@ -113,8 +116,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(a.intermediate_size, a.hidden_size, a.mlp_bias)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream) for ``norm(h + residual)``, the post-attention norm."""
+        gate_up, residual = norm_linear(norm, self.gate_up_proj, h, residual)
+        return act_linear(self.act, self.down_proj, gate_up), residual
 
 
 class DecoderLayer(nn.Module):
@@ -128,13 +133,10 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
         """(the MLP output, the residual stream before it): each residual add happens inside the
-        following norm (``add_rms_norm``), saving a kernel per add; the values are HF's."""
-        if residual is None:
-            h, residual = self.input_layernorm(h), h
-        else:
-            h, residual = self.input_layernorm(h, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, rope), residual)
-        return self.mlp(h), residual
+        following norm (``add_rms_norm``), and at decode batch sizes on CUDA that norm runs inside the
+        next projection's GEMV; the values are HF's."""
+        h, residual = self.self_attn(h, residual, self.input_layernorm, positions, rope)
+        return self.mlp(h, residual, self.post_attention_layernorm)
 
 
 class Decoder(nn.Module):
@@ -167,7 +169,26 @@ class CausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()
+
+    def projections(self) -> list["Projection"]:
+        """Every projection with the op before it, which a GEMV prologue may fold in (the runner
+        tunes the GEMV per projection group)."""
+        from engine.kernels.gemv_tuning import Projection  # imports Triton: only on the CUDA path
+
+        def after_norm(norm: RMSNorm, linear: Linear) -> Projection:
+            return Projection(linear, "add_rms_norm", lambda x, r: norm_linear(norm, linear, x, r), norm.weight, norm.eps)
+
+        def plain(linear: Linear) -> Projection:
+            return Projection(linear, "none", lambda x, r: linear(x))
+
+        out = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            out += [after_norm(layer.input_layernorm, attn.qkv_proj), plain(attn.o_proj),
+                    after_norm(layer.post_attention_layernorm, mlp.gate_up_proj),
+                    Projection(mlp.down_proj, "silu_mul", lambda x, r, mlp=mlp: act_linear(mlp.act, mlp.down_proj, x))]
+        return [p for p in out + [plain(self.lm_head)] if type(p.linear) is Linear]  # a swapped-in (AWQ) module keeps its own path
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]

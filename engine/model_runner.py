@@ -4,8 +4,14 @@ The KV cache is one tensor ``[2, layers, blocks, block_size, kv_heads, head_dim]
 layer gets its views. On CPU its size is ``engine.num_blocks``; on GPU it takes what
 ``gpu_memory_utilization`` leaves after the weights and a full-budget warm-up step. Decode steps on
 GPU replay CUDA graphs captured for batch-size buckets (padded with slot -1 / context length 0);
-a graph covers the whole decoder stack and the LM head, and its inputs arrive in one host-to-device
-copy from a pinned staging buffer, so a decode step costs one copy, one replay and the sampler.
+a graph covers the whole decoder stack, the LM head and the greedy argmax, and its inputs arrive in
+one host-to-device copy from a pinned staging buffer, so a decode step costs one copy, one replay and
+one device-to-host read of the tokens. ``launch_ahead`` queues the next step's replay while the host
+still finishes the current one (the engine calls it once the tokens are known), so the host's
+scheduling and bookkeeping overlap the GPU's work instead of leaving it idle.
+
+On CUDA, projections at <= 8 rows run a Triton GEMV (``engine.gemv``) whose config per projection
+group was timed against cuBLAS at start-up (engine/kernels/gemv_tuning.py).
 """
 from __future__ import annotations
 
@@ -40,6 +46,10 @@ class ModelRunner:
         self.model.eval()
         if device.type == "cuda" and not config.enforce_eager:
             compile_fused_ops(self.model)
+        self.gemv_tuning: list[dict] = []  # one row per (projection group, batch bucket): the timed choice
+        self._gemv_plans: dict = {}
+        if device.type == "cuda" and config.gemv:
+            self._plan_gemv()
         # adapter slots exist before the KV budget is measured and before graphs capture the LoRA kernels
         self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
         self.num_blocks = config.num_blocks if device.type != "cuda" else self._gpu_num_blocks()
@@ -49,7 +59,29 @@ class ModelRunner:
         max_bs = min(config.max_num_seqs, 512)
         self.graph_buckets = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs] if b <= max_bs})
         self._graph_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, logits) of the last replay
+        self._ahead: tuple | None = None  # (sequences, lengths) of a replay queued by launch_ahead
         if device.type == "cuda" and not config.enforce_eager and self.backend == "triton":
+            self._capture_decode_graphs()
+
+    # ---------------------------------------------------------------- GEMV
+    def _plan_gemv(self) -> None:
+        from engine.kernels.gemv_tuning import plan
+
+        self.gemv_tuning = plan(self.model.projections(), self.device)
+        self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
+
+    def set_gemv(self, enabled: bool) -> None:
+        """Switch the Triton GEMV on or off (benchmarks A/B it in one process); recaptures the graphs."""
+        if enabled and not self._gemv_plans:
+            if self.device.type != "cuda":
+                raise RuntimeError("the Triton GEMV runs on CUDA only")
+            self._plan_gemv()
+        for linear, gemv_plan in self._gemv_plans.items():
+            linear.gemv = gemv_plan if enabled else None
+        if self.graphs:
+            self.graphs.clear()
+            self._ahead = None
+            torch.cuda.synchronize()
             self._capture_decode_graphs()
 
     # ---------------------------------------------------------------- KV cache
@@ -161,8 +193,11 @@ class ModelRunner:
     def forward(self, batch: Batch) -> torch.Tensor:
         """Hidden states of every new token of the batch, [num_tokens, hidden]."""
         self._graph_logits = None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and batch.is_decode and ahead == _decode_key(batch.seqs):
+            return self._graph_outputs(len(batch))  # launch_ahead already queued exactly this step
         if self.graphs and len(batch) <= self.graph_buckets[-1] and batch.is_decode:
-            return self._replay(batch)
+            return self._replay(batch.seqs)
         ids, positions, ctx = self.prepare(batch)
         set_context(ctx)
         try:
@@ -172,9 +207,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        if self._graph_logits is not None and hidden is self._graph_logits[0] and rows == list(range(len(rows))):
-            return self._graph_logits[1][:len(rows)]  # a replayed decode step computed them in its graph
+        if self._replayed(hidden, rows):
+            return self.g_logits[:len(rows)]  # a replayed decode step computed them in its graph
         return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+
+    def greedy_tokens(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
+        """The argmax tokens a replayed decode step computed in its graph (on device), else None."""
+        return self.g_tokens[:len(rows)] if self._replayed(hidden, rows) else None
+
+    def _replayed(self, hidden: torch.Tensor, rows: list[int]) -> bool:
+        return self._graph_logits is not None and hidden is self._graph_logits[0] and rows == list(range(len(rows)))
+
+    @torch.inference_mode()
+    def launch_ahead(self, seqs: list) -> bool:
+        """Queue the decode step that ``seqs`` (each with one uncomputed token) will be scheduled as,
+        before the caller schedules it. ``forward`` uses it when the batch is exactly these sequences
+        at these lengths and discards it otherwise (its only effect then: K/V of those sequences'
+        next position, which the real step rewrites). False when it cannot be queued."""
+        bs = self.block_size
+        if not (self.graphs and self.config.launch_ahead and 0 < len(seqs) <= self.graph_buckets[-1]):
+            return False
+        if any(s.num_uncomputed_tokens != 1 for s in seqs):
+            return False
+        if any((len(s) - 1) // bs >= len(s.block_table) for s in seqs):  # needs a new block: the scheduler's call
+            return False
+        self._replay(seqs)
+        self._graph_logits = None
+        self._ahead = _decode_key(seqs)
+        return True
 
     # ---------------------------------------------------------------- CUDA graphs
     @torch.inference_mode()
@@ -191,6 +251,8 @@ class ModelRunner:
         tables = self.g_buf[5 * max_bs:].view(max_bs, width)
         self.g_out = torch.zeros(max_bs, self.args.hidden_size, dtype=self.dtype, device=self.device)
         self.g_logits = torch.zeros(max_bs, self.args.vocab_size, dtype=torch.float32, device=self.device)
+        self.g_tokens = torch.zeros(max_bs, dtype=torch.long, device=self.device)
+        self.copy_done = torch.cuda.Event()  # the last staging copy: the host waits on it before rewriting h_buf
         slots.fill_(-1)
         adapter.fill_(-1)
         pool = None
@@ -204,19 +266,20 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool):
                 self.g_out[:b] = self.model(ids[:b], pos[:b])
                 self.g_logits[:b] = self.model.compute_logits(self.g_out[:b])
+                self.g_tokens[:b] = self.g_logits[:b].argmax(-1)  # greedy on device: the host reads only tokens
             pool = graph.pool() if pool is None else pool
             self.graphs[b] = graph
             set_context(None)
         torch.cuda.synchronize()
 
-    def _replay(self, batch: Batch) -> torch.Tensor:
-        """A decode step through its bucket's graph. The pinned buffer is safe to rewrite: the previous
-        step's copy finished before its sampled tokens reached the host."""
-        n = len(batch)
+    def _replay(self, seqs: list) -> torch.Tensor:
+        """A decode step of ``seqs`` through its bucket's graph."""
+        n = len(seqs)
         bucket = next(b for b in self.graph_buckets if b >= n)
         vec, tables, bs = self.h_vec, self.h_tables, self.block_size
         ids, pos, slots, adapter, lens = vec
-        for i, seq in enumerate(batch.seqs):
+        self.copy_done.synchronize()  # a launch_ahead copy may still be reading the staging buffer
+        for i, seq in enumerate(seqs):
             p = len(seq) - 1
             table = seq.block_table
             ids[i], pos[i], lens[i] = seq.token_ids[p], p, p + 1
@@ -227,7 +290,17 @@ class ModelRunner:
         slots[n:bucket], lens[n:bucket], adapter[n:bucket] = -1, 0, -1  # padding rows: no store, no attention
         used = 5 * tables.shape[0] + bucket * tables.shape[1]
         self.g_buf[:used].copy_(self.h_buf[:used], non_blocking=True)
+        self.copy_done.record()
         self.graphs[bucket].replay()
+        return self._graph_outputs(n)
+
+    def _graph_outputs(self, n: int) -> torch.Tensor:
         hidden = self.g_out[:n]
         self._graph_logits = (hidden, self.g_logits)
         return hidden
+
+
+def _decode_key(seqs: list) -> tuple:
+    """What a queued decode replay was computed for: these sequences, in this order, at these lengths
+    (and block tables, which only the scheduler changes and only by growing them)."""
+    return tuple((s.seq_id, len(s), len(s.block_table)) for s in seqs)

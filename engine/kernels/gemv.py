@@ -1,0 +1,222 @@
+"""Skinny GEMM for decode: ``y[M, N] = prologue(x)[M, K] @ W[N, K]^T (+ bias)`` for M <= 8, fp32 accumulation.
+
+At batch 1..8 a projection is a pure weight stream (every weight byte is read once and used M
+times), so all a kernel must do is keep enough bytes in flight on every SM; cuBLAS's bf16 M=1
+path leaves ~20 % of an H100's copy bandwidth unused. Two inner products, one per config family:
+
+- row (``BLOCK_M == 1``, M = 1 only): a program multiplies [BLOCK_N, BLOCK_K] weight tiles by the
+  x vector elementwise into an fp32 accumulator of the same shape, reduced once at the end (no
+  shuffles in the loop; the loads are wide because K is the contiguous axis);
+- dot (``BLOCK_M == 16``): x padded to 16 rows feeds ``tl.dot``, so Triton's software pipeline
+  (``num_stages``) prefetches weight tiles through shared memory.
+
+Split-K: when ``N / BLOCK_N`` programs cannot fill the GPU (o_proj and down_proj of small models),
+``SPLIT_K`` programs share an output tile. Each writes an fp32 partial; the last to finish (an
+atomic ticket per tile) sums the partials in split order and resets the ticket for the next call.
+The fixed order makes results deterministic, so eager steps and CUDA-graph replays agree bit for bit.
+
+Prologues fold the op before a projection into the x load (x is a few KB and stays in L2; every
+program re-derives what it needs instead of waiting for another kernel):
+- ``add_rms_norm`` (qkv_proj, gate_up_proj): ``x = norm_w * rms_norm(x + residual)``, HF's rounding
+  order; ``residual`` may be None (the first layer); program 0 also writes ``x + residual``, the
+  residual stream the layer passes on;
+- ``silu_mul`` (down_proj): ``x = silu(gate) * up`` read from the gate_up output ``[M, 2K]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_M = 8  # beyond this the weight tile is reused enough that cuBLAS's GEMM wins
+PROLOGUES = ("none", "add_rms_norm", "silu_mul")
+_PROLOGUE_ID = {name: i for i, name in enumerate(PROLOGUES)}
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_m: int  # 1: row kernel (M = 1 only); 16: tl.dot kernel
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __str__(self) -> str:
+        kind = "row" if self.block_m == 1 else "dot"
+        return f"{kind} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps}"
+
+
+@triton.jit
+def _load_x(x_ptr, res_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K,
+            PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] tile of prologue(x) at columns ``k``, in the weight's dtype."""
+    mask = mask_m[:, None] & mask_k[None, :]
+    ptrs = x_ptr + offs_m[:, None] * x_stride + k[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if PROLOGUE == 1:  # add_rms_norm: normalize in fp32, cast back, then scale (HF order)
+        if HAS_RESIDUAL:
+            x = (x + tl.load(res_ptr + offs_m[:, None] * K + k[None, :], mask=mask, other=0.0)).to(x.dtype)
+        normed = (x.to(tl.float32) * inv_rms[:, None]).to(x.dtype)
+        x = (tl.load(norm_ptr + k, mask=mask_k, other=0.0)[None, :] * normed).to(x.dtype)
+    elif PROLOGUE == 2:  # silu_mul: gate is the first K columns, up the next K
+        gate = x.to(tl.float32)
+        up = tl.load(ptrs + K, mask=mask, other=0.0)
+        x = ((gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up).to(up.dtype)
+    return x
+
+
+@triton.jit
+def _inv_rms(x_ptr, res_ptr, h_ptr, offs_m, mask_m, x_stride, K, eps, write_h,
+             HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES_ALL: tl.constexpr):
+    """1 / rms of each row of ``x + residual`` over all K columns; rows where ``write_h`` also store
+    that sum to ``h`` (one program does, so the layer's residual stream costs no extra kernel)."""
+    sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for t in range(K_TILES_ALL):
+        k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = mask_m[:, None] & (k < K)[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * x_stride + k[None, :], mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            x = (x + tl.load(res_ptr + offs_m[:, None] * K + k[None, :], mask=mask, other=0.0)).to(x.dtype)
+            tl.store(h_ptr + offs_m[:, None] * K + k[None, :], x, mask=mask & write_h[:, None])
+        xf = x.to(tl.float32)
+        sq += xf * xf
+    return tl.rsqrt(tl.sum(sq, 1) / K + eps)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, res_ptr, h_ptr, norm_ptr, part_ptr, ticket_ptr,
+                 M, N, K, x_stride, eps,
+                 PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 K_TILES: tl.constexpr, K_TILES_ALL: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    inv_rms = tl.zeros([BLOCK_M], tl.float32)
+    if PROLOGUE == 1:
+        write_h = (offs_m * 0 + tile + split) == 0  # a block mask: program (0, 0) writes the residual stream
+        inv_rms = _inv_rms(x_ptr, res_ptr, h_ptr, offs_m, mask_m, x_stride, K, eps, write_h,
+                           HAS_RESIDUAL, BLOCK_M, BLOCK_K, K_TILES_ALL)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K  # int64: an LM head has > 2^31 weights
+    k_first = split * (K_TILES * BLOCK_K)
+    if BLOCK_M == 1:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for t in range(K_TILES):
+            k = k_first + t * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = k < K
+            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            x = _load_x(x_ptr, res_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K, PROLOGUE, HAS_RESIDUAL)
+            acc2 += w.to(tl.float32) * x.to(tl.float32)  # x: [1, BLOCK_K] broadcasts over the rows
+        acc = tl.sum(acc2, 1)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for t in range(K_TILES):
+            k = k_first + t * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = k < K
+            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            x = _load_x(x_ptr, res_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K, PROLOGUE, HAS_RESIDUAL)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT_K > 1:
+        tl.store(part_ptr + split * M * N + out_offs, acc, mask=out_mask)
+        ticket = tl.atomic_add(ticket_ptr + tile, 1)  # acq_rel: the partials above are visible to the last program
+        if ticket == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in tl.static_range(SPLIT_K):  # fixed order: deterministic sums
+                acc += tl.load(part_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            _store_out(y_ptr, bias_ptr, acc, offs_n, mask_n, out_offs, out_mask, HAS_BIAS)
+            tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next call (and the next graph replay)
+    else:
+        _store_out(y_ptr, bias_ptr, acc, offs_n, mask_n, out_offs, out_mask, HAS_BIAS)
+
+
+@triton.jit
+def _store_out(y_ptr, bias_ptr, acc, offs_n, mask_n, out_offs, out_mask, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+class Workspace:
+    """Split-K scratch shared by every GEMV on a device: fp32 partials and one ticket per output tile.
+    Kernels on one stream run one after another and each leaves its tickets at 0, so one buffer
+    serves them all. Sized once, before any graph capture (graphs hold its address)."""
+
+    def __init__(self, device: torch.device):
+        self.partials = torch.empty(0, dtype=torch.float32, device=device)
+        self.tickets = torch.zeros(0, dtype=torch.int32, device=device)
+
+    def reserve(self, n: int, config: GemvConfig) -> None:
+        partials = config.split_k * MAX_M * n if config.split_k > 1 else 0
+        tiles = triton.cdiv(n, config.block_n)
+        if partials > self.partials.numel():
+            self.partials = torch.empty(partials, dtype=torch.float32, device=self.partials.device)
+        if tiles > self.tickets.numel():
+            self.tickets = torch.zeros(tiles, dtype=torch.int32, device=self.tickets.device)
+
+    def fits(self, n: int, config: GemvConfig) -> bool:
+        partials = config.split_k * MAX_M * n if config.split_k > 1 else 0
+        return partials <= self.partials.numel() and triton.cdiv(n, config.block_n) <= self.tickets.numel()
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig, workspace: Workspace,
+         prologue: str = "none", residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+         eps: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``prologue(x) @ weight.T + bias`` for x [M <= 8, K] (``silu_mul``: [M, 2K]); ``add_rms_norm``
+    also returns the new residual stream ``x + residual`` (``x`` itself when residual is None)."""
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
+    _check(x, weight, config, workspace, prologue, k)
+    y = torch.empty(m, n, dtype=weight.dtype, device=x.device)
+    with_residual = prologue == "add_rms_norm" and residual is not None
+    h = torch.empty(m, k, dtype=x.dtype, device=x.device) if with_residual else y
+    k_tiles = triton.cdiv(k, config.split_k * config.block_k)
+    grid = (triton.cdiv(n, config.block_n), config.split_k)
+    _gemv_kernel[grid](
+        x, weight, bias if bias is not None else y, y, residual if with_residual else x, h,
+        norm_weight if norm_weight is not None else weight, workspace.partials, workspace.tickets,
+        m, n, k, x.stride(0), eps,
+        PROLOGUE=_PROLOGUE_ID[prologue], HAS_RESIDUAL=with_residual, HAS_BIAS=bias is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+        K_TILES=k_tiles, K_TILES_ALL=triton.cdiv(k, config.block_k) if prologue == "add_rms_norm" else 0,
+        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if prologue == "add_rms_norm":
+        return y, (h if with_residual else x)
+    return y
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace: Workspace, prologue: str, k: int) -> None:
+    if prologue not in PROLOGUES:
+        raise ValueError(f"gemv prologue {prologue!r} is not one of {PROLOGUES}")
+    if not 1 <= x.shape[0] <= MAX_M or (config.block_m == 1 and x.shape[0] != 1):
+        raise ValueError(f"gemv: {x.shape[0]} rows do not fit config {config} (row kernel: 1 row; dot kernel: 1..{MAX_M})")
+    expected = 2 * k if prologue == "silu_mul" else k
+    if x.shape[1] != expected or x.stride(1) != 1 or not weight.is_contiguous():
+        raise ValueError(f"gemv: x {tuple(x.shape)} (stride {x.stride()}) does not match weight {tuple(weight.shape)} "
+                         f"with prologue {prologue!r}; x rows and the weight must be contiguous")
+    if not workspace.fits(weight.shape[0], config):
+        raise ValueError(f"gemv: workspace was not reserved for N={weight.shape[0]} with {config}")
+
+
+def candidate_configs(n: int, k: int, m: int, num_sms: int) -> list[GemvConfig]:
+    """A handful of configs for one (N, K, M): each shape family with the split-K that gives the
+    grid about four programs per SM (capped so every split keeps at least one K tile)."""
+    shapes = [(16, 16, 128, 4, 4), (16, 32, 128, 4, 4), (16, 64, 64, 4, 4)]  # (block_m, block_n, block_k, warps, stages)
+    if m == 1:
+        shapes += [(1, 8, 512, 4, 2), (1, 16, 256, 4, 2), (1, 32, 256, 8, 2)]
+    configs = []
+    for block_m, block_n, block_k, warps, stages in shapes:
+        tiles = triton.cdiv(n, block_n)
+        split = 1
+        while tiles * split < 4 * num_sms and split * 2 * block_k <= k and split < 16:
+            split *= 2
+        configs.append(GemvConfig(block_m, block_n, block_k, split, warps, stages))
+    return configs
