@@ -24,7 +24,9 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_stride,
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     offs = tl.arange(0, BLOCK)
-    mask = (offs < WIDTH) & (slot >= 0)  # slot -1: a padded CUDA-graph row
+    # slot -1: a padded CUDA-graph row. Broadcast the slot test to a block mask (the interpreter of
+    # newer Tritons rejects a scalar & block mask)
+    mask = (offs < WIDTH) & ((offs * 0 + slot) >= 0)
     slot = tl.maximum(slot, 0).to(tl.int64)
     tl.store(k_cache_ptr + slot * WIDTH + offs, tl.load(k_ptr + token * k_stride + offs, mask=mask), mask=mask)
     tl.store(v_cache_ptr + slot * WIDTH + offs, tl.load(v_ptr + token * v_stride + offs, mask=mask), mask=mask)
@@ -36,6 +38,21 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     assert k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2] and k.stride(2) == v.stride(2) == 1
     _store_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
                                     WIDTH=width, BLOCK=triton.next_power_of_2(width))
+
+
+@triton.jit
+def _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
+               NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K and V [BLOCK_N, HEAD_DIM] of one sequence's positions ``start ..`` (rows at or past ``end``
+    are zeros) for one K/V head, gathered through the block table; also the positions and their mask."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < end
+    block = tl.load(tables_ptr + seq * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    slot = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
+    kv_offs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+    return k, v, offs_n, mask_n
 
 
 @triton.jit
@@ -62,15 +79,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_pt
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    row = NUM_KV_HEADS * HEAD_DIM
     while start < end:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        block = tl.load(tables_ptr + seq * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        slot = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        kv_offs = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+        k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
+                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -172,16 +183,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_p
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    row = NUM_KV_HEADS * HEAD_DIM
     start = 0
     while start < end:
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        block = tl.load(tables_ptr + seq * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        slot = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        kv_offs = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+        k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
+                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         visible = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])
         s = tl.where(visible, s, float("-inf"))
