@@ -145,6 +145,7 @@ LATENCY_PAIRS = (  # (on case, off case, metric, label, lower is better)
     ("prefix cache on", "prefix cache off", "ttft_p99_ms", "TTFT p99 (ms)", True),
     ("prefix cache on", "prefix cache off", "out_tok_per_s", "output tok/s", False),
     ("chunked prefill on", "chunked prefill off", "tpot_p99_ms", "decode TPOT p99 (ms)", True),
+    ("chunked prefill on", "chunked prefill off", "tpot_max_ms", "decode TPOT max (ms)", True),
     ("chunked prefill on", "chunked prefill off", "long_ttft_mean_ms", "long-prompt TTFT mean (ms)", True),
 )
 
@@ -157,10 +158,9 @@ def _latency_markdown(data: dict[str, Any]) -> list[str]:
         a, b = cases.get(on, {}).get(key), cases.get(off, {}).get(key)
         if a is None or b is None:
             continue
-        ratio = (b / a if lower else a / b) if a and b else None
-        better = "lower" if lower else "higher"
-        out.append(_row(data, f"{on.rsplit(' ', 1)[0]} on vs off: {label}", f"on: {a:,.1f}", f"off: {b:,.1f}",
-                        f"{_num(ratio, '{:.2f}')}x {better}" if ratio else "-", "-", None))
+        ratio = (b / a if lower else a / b) if a and b else None  # > 1: the feature helps
+        verdict = "-" if ratio is None else f"{ratio:.2f}x " + ("better with it on" if ratio >= 1 else "(worse with it on)")
+        out.append(_row(data, f"{on.rsplit(' ', 1)[0]} on vs off: {label}", f"on: {a:,.1f}", f"off: {b:,.1f}", verdict, "-", None))
     return out
 
 
@@ -188,7 +188,8 @@ def latency_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     cases = {r.get("case"): r for r in data.get("rows", []) if not r.get("error")}
     panels = [(("prefix cache on", "prefix cache off"), (("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99")),
                "shared system prompt: time to first token (ms)"),
-              (("chunked prefill on", "chunked prefill off"), (("tpot_p50_ms", "TPOT p50"), ("tpot_p99_ms", "TPOT p99"), ("tpot_max_ms", "TPOT max")),
+              (("chunked prefill on", "chunked prefill off"), (("tpot_mean_ms", "TPOT mean"), ("tpot_p50_ms", "TPOT p50"), ("tpot_p99_ms", "TPOT p99"),
+                                                               ("tpot_max_ms", "TPOT max")),
                "long prompts during decode: decode gap (ms)")]
     panels = [p for p in panels if any(c in cases for c in p[0])]
     if not panels:

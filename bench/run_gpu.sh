@@ -22,6 +22,7 @@ if [ $# -eq 0 ]; then
     exit 2
 fi
 
+set -f  # entry args are word-split into flags but never globbed (a '*' or '?' in an override stays literal)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 failed=0
 status_lines=()

@@ -5,6 +5,7 @@ the same weights, the JSON carries what BENCHMARKS.md needs, and the runner/summ
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import charts, common  # noqa: E402
+from bench import charts, common, engine_latency, sft_vs_trl  # noqa: E402
 
 
 def test_shapes_match_published_parameter_counts():
@@ -57,26 +58,96 @@ def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_sft_vs_trl_smoke_trains_both_sides_on_the_same_data(tmp_path):
+def test_sft_vs_trl_smoke_trains_every_side_on_the_same_data(tmp_path):
+    """ours, one --ours-variants side and TRL; the variant is compared with TRL and with the default side."""
     out = tmp_path / "sft.json"
     proc = _run([sys.executable, "bench/sft_vs_trl.py", "--smoke", "--methods", "lora", "--sides", "ours,trl", "--out", str(out),
-                 "--workdir", str(tmp_path / "w")])
+                 "--workdir", str(tmp_path / "w"), "--ours-variants", "plain_ce=train.loss_chunk_size=0"], timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {r["side"]: r for r in data["rows"]}
-    assert set(rows) == {"ours", "trl"}
+    assert list(rows) == ["ours", "ours-plain_ce", "trl"]  # the variant runs right after the default side
     for side, r in rows.items():
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and len(r["losses"]) == 3, side  # 1 warm-up + 2 measured steps
-        assert 9.0 < r["losses"][0] < 12.0, side  # ~ln(49152) = 10.8: the same random init on both sides
+        assert 9.0 < r["losses"][0] < 12.0, side  # ~ln(49152) = 10.8: the same random init on every side
+    assert rows["ours-plain_ce"]["overrides"] == ["train.loss_chunk_size=0"] and rows["ours"]["overrides"] == []
     # the same LoRA config on the same model: identical trainable parameter counts
-    assert rows["ours"]["trainable_params"] == rows["trl"]["trainable_params"]
-    (comparison,) = data["comparisons"]
-    assert comparison["baseline"] == "trl" and comparison["speedup"] > 0
+    assert rows["ours"]["trainable_params"] == rows["ours-plain_ce"]["trainable_params"] == rows["trl"]["trainable_params"]
+    pairs = {(c["side"], c["baseline"]): c for c in data["comparisons"]}
+    assert set(pairs) == {("ours", "trl"), ("ours-plain_ce", "trl"), ("ours-plain_ce", "ours")}
+    assert all(c["speedup"] > 0 for c in pairs.values())
+    assert pairs[("ours-plain_ce", "ours")]["target_met"] is None  # the 2x target is against TRL only
     assert data["command"].startswith("python bench/sft_vs_trl.py") and data["env"]["torch"]
     assert "crucible vs baseline" in proc.stdout  # the table prints last
     md = charts.markdown_rows(data)
-    assert len(md) == 1 and "tiny lora vs trl" in md[0] and md[0].count("|") == 11
+    assert len(md) == 3 and "tiny lora vs trl" in md[0] and "tiny lora ours-plain_ce vs ours" in md[2]
+    assert all(row.count("|") == 11 for row in md)
+
+
+def test_ours_variants_parse_and_fail_fast_on_unknown_keys(tmp_path):
+    parsed = sft_vs_trl.parse_variants("compiled=train.compile=true; narrow=lora.target_modules=q_proj,v_proj,train.compile=true")
+    assert parsed == {"compiled": ["train.compile=true"], "narrow": ["lora.target_modules=q_proj,v_proj", "train.compile=true"]}
+    for bad, message in (("compiled", "want NAME=key=value"), ("a=x=1;a=y=2", "given twice"), ("v=train.compile", "not key=value")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            sft_vs_trl.parse_variants(bad)
+    # a misspelt key exits 2 with the config error before any corpus or model is built
+    proc = _run([sys.executable, "bench/sft_vs_trl.py", "--smoke", "--ours-variants", "fast=train.compil=true",
+                 "--workdir", str(tmp_path / "w")], timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--ours-variants fast (lora): unknown config key 'train.compil'; did you mean 'train.compile'?" in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_time_budget_records_sides_that_cannot_start_as_skipped(tmp_path):
+    out = tmp_path / "full.json"
+    proc = _run([sys.executable, "bench/full_ft_mfu.py", "--smoke", "--time-budget", "0", "--out", str(out),
+                 "--workdir", str(tmp_path / "w")], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["side"] for r in rows] == ["ours", "trl"]
+    assert all(r["skipped"].startswith("time budget") and "tokens_per_s" not in r for r in rows)
+    assert "skipped: time budget" in proc.stdout  # named under the table
+
+
+def test_chunked_ce_smoke_writes_json_and_agrees(tmp_path):
+    out = tmp_path / "ce.json"
+    proc = _run([sys.executable, "bench/chunked_ce_gpu.py", "--smoke", "--out", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["all_agree"] and [r["case"] for r in data["rows"]] == ["plain", "chunk 256", "chunk 128"]
+    assert len({round(r["loss_per_token"], 4) for r in data["rows"]}) == 1  # chunking never changes the loss
+
+
+def test_latency_metrics_from_token_timestamps():
+    """TPOT gaps count from the first long arrival on; TTFT is first token minus arrival."""
+    Trace = engine_latency.Trace
+    traces = {"0": Trace("decoder", 0.0, [0.1, 0.2, 0.3, 0.9, 1.0]), "1": Trace("long", 0.25, [0.9, 1.0])}
+    m = engine_latency.stall_metrics(traces)
+    assert m["tpot_max_ms"] == 600.0 and m["decode_tokens_in_window"] == 3 and m["tpot_p50_before_ms"] == 100.0
+    assert m["long_ttft_mean_ms"] == 650.0 and m["long_finished"] == 1
+    assert engine_latency.percentile([1, 2, 3, 4], 50) == 2.5 and engine_latency.percentile([], 99) is None
+    burst = engine_latency.shared_prompt_workload(5, system_tokens=40, output_tokens=3)
+    assert len({tuple(a.prompt[:40]) for a in burst}) == 1 and len({tuple(a.prompt) for a in burst}) == 5
+
+
+def test_engine_latency_smoke_measures_both_features(tmp_path):
+    out = tmp_path / "lat.json"
+    proc = _run([sys.executable, "bench/engine_latency.py", "--smoke", "--out", str(out), "--workdir", str(tmp_path / "w")], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {r["case"]: r for r in data["rows"]}
+    assert list(rows) == ["prefix cache on", "prefix cache off", "chunked prefill on", "chunked prefill off"]
+    # 64 shared tokens of each ~100-token prompt are 4 full blocks: every request after the first finds them
+    assert rows["prefix cache on"]["prefix_hit_rate"] > 0.3 and rows["prefix cache off"]["prefix_hit_rate"] == 0
+    for case in ("prefix cache on", "prefix cache off"):
+        assert rows[case]["requests"] == 4 and rows[case]["output_tokens"] == 4 * 4 and rows[case]["ttft_p99_ms"] > 0
+    for case in ("chunked prefill on", "chunked prefill off"):
+        assert rows[case]["long_finished"] == rows[case]["long_requests"] == 2 and rows[case]["tpot_max_ms"] > 0
+    assert rows["chunked prefill on"]["budget"] == 32 and rows["chunked prefill off"]["budget"] >= 96
+    assert "(b) 3 decoding requests" in proc.stdout  # the tables print last
+    assert [p.name for p in charts.chart(data, tmp_path)] == ["engine_latency.png"]
+    assert len(charts.markdown_rows(data)) == 6
 
 
 def test_run_gpu_sh_runs_entries_with_timeouts_and_summarizes(tmp_path):
