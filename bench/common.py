@@ -179,9 +179,14 @@ def corpus_documents(tokenizer, num_tokens: int, max_doc_tokens: int, seed: int 
 
 
 def write_corpus(out: Path, docs: list[str]) -> Path:
-    """One ``.txt`` per document: the layout ``data.source=text:<dir>`` reads as one document per file."""
+    """One ``.txt`` per document: the layout ``data.source=text:<dir>`` reads as one document per file.
+
+    Documents of an earlier run in the same ``--workdir`` are removed first: the corpus is exactly ``docs``.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("doc*.txt"):
+        stale.unlink()
     for i, doc in enumerate(docs):
         (out / f"doc{i:06d}.txt").write_text(doc, encoding="utf-8")
     return out
