@@ -3,6 +3,10 @@
 One name map serves all three: HF names (``model.layers.0.self_attn.q_proj.weight``), with the
 wrappers training adds (``base_model.model.``, ``.base_layer``, ``_orig_mod.``, ``module.``) peeled
 off, are routed into the fused ``qkv_proj`` / ``gate_up_proj`` slices.
+
+AWQ checkpoints (AutoAWQ GEMM layout) keep their int4 weights: before loading, every projection
+the checkpoint stores as ``qweight``/``qzeros``/``scales`` is swapped for an ``engine.quant.AWQLinear``
+and those three tensors are routed like any other (fused parts are column slices).
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from typing import Iterable, Iterator
 
 import torch
 
+from engine.layers import Linear
 from engine.model import CausalLM
+from engine.quant import PACKED_LEAVES, AWQLinear, awq_group_size
 
 # HF projection -> (our fused module, which part)
 PACKED = {
@@ -37,6 +43,10 @@ def _route(model: CausalLM, params: dict[str, torch.Tensor], name: str) -> torch
     if ".lora_" in hf_name or "lora_magnitude" in hf_name:
         raise ValueError(f"{name}: unmerged LoRA weights cannot be loaded; merge the adapter first (peft merge_and_unload)")
     *prefix, module, leaf = hf_name.split(".")
+    target = ".".join(prefix + [PACKED.get(module, (module,))[0]])
+    if leaf == "weight" and isinstance(_submodule(model, target), AWQLinear):
+        raise ValueError(f"{name}: {target} holds AWQ int4 weights (qweight/qzeros/scales), which fp weights cannot be "
+                         "written or merged into; serve LoRA adapters unmerged (enable_lora) or load an fp checkpoint")
     if module in PACKED:
         fused, part = PACKED[module]
         fused_name = ".".join(prefix + [fused, leaf])
@@ -47,11 +57,26 @@ def _route(model: CausalLM, params: dict[str, torch.Tensor], name: str) -> torch
     raise ValueError(f"{name}: no such parameter in this {model.args.model_type} model")
 
 
+def _submodule(model: CausalLM, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _destinations(model: CausalLM, remove_duplicate: bool = False) -> dict[str, torch.Tensor]:
+    """Every loadable tensor by name: the parameters and the packed int4 buffers of AWQ layers
+    (with ``remove_duplicate``, a tied LM head is listed once, as the embedding)."""
+    named = dict(model.named_parameters(remove_duplicate=remove_duplicate))
+    named.update((n, b) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in PACKED_LEAVES)
+    return named
+
+
 @torch.no_grad()
 def load_named_tensors(model: CausalLM, named: Iterable[tuple[str, torch.Tensor]], add: bool = False) -> set[str]:
     """Copy (or, with ``add``, accumulate) tensors into the model in place; returns the HF names written."""
     written = set()
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = _destinations(model)
     for name, tensor in named:
         if name.endswith("rotary_emb.inv_freq"):
             continue
@@ -61,6 +86,9 @@ def load_named_tensors(model: CausalLM, named: Iterable[tuple[str, torch.Tensor]
         src = tensor.to(device=dest.device, dtype=dest.dtype)
         dest.add_(src) if add else dest.copy_(src)
         written.add(canonical_name(name))
+    for module in model.modules():
+        if isinstance(module, AWQLinear):
+            module.packed_changed()
     return written
 
 
@@ -76,20 +104,49 @@ def _safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _checkpoint_items(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
-    """Plain HF safetensors, or an AWQ (AutoAWQ GEMM layout) checkpoint dequantized on load."""
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    if (config.get("quantization_config") or {}).get("quant_method") == "awq":
-        from export.awq import dequantize_awq_checkpoint
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
 
-        return dequantize_awq_checkpoint(path).items()
-    return _safetensors_items(path)
+    keys = []
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            keys += list(f.keys())
+    return keys
+
+
+def swap_awq_linears(model: CausalLM, quantized: set[str], group: int) -> list[str]:
+    """Replace each Linear whose HF parts are all in ``quantized`` (HF module names) by an AWQLinear.
+
+    A fused projection with only some parts quantized cannot be one int4 GEMM: that is an error."""
+    parts_of = {}
+    for hf, (fused, _) in PACKED.items():
+        parts_of.setdefault(fused, []).append(hf)
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Linear) or isinstance(module, AWQLinear):
+            continue
+        *prefix, leaf = name.split(".")
+        parts = [".".join(prefix + [p]) for p in parts_of.get(leaf, [leaf])]
+        present = [p in quantized for p in parts]
+        if not any(present):
+            continue
+        if not all(present):
+            raise ValueError(f"{name}: the checkpoint quantizes only {[p for p, q in zip(parts, present) if q]} of the fused {parts}")
+        model.set_submodule(name, AWQLinear.replacing(module, group))
+        swapped.append(name)
+    return swapped
 
 
 def load_checkpoint(model: CausalLM, path: str | Path) -> None:
-    """Load every weight of an HF safetensors directory; a missing weight is an error, not random init."""
-    args = model.args
-    items = ((n, t) for n, t in _checkpoint_items(Path(path)) if not (args.tie_word_embeddings and n == "lm_head.weight"))
+    """Load every weight of an HF safetensors directory; a missing weight is an error, not random init.
+
+    An AWQ checkpoint's quantized projections become AWQLinear modules first (weights stay int4)."""
+    args, path = model.args, Path(path)
+    group = awq_group_size(path)
+    if group is not None:
+        quantized = {k.removesuffix(".qweight") for k in _safetensors_keys(path) if k.endswith(".qweight")}
+        swap_awq_linears(model, {canonical_name(q) for q in quantized}, group)
+    items = ((n, t) for n, t in _safetensors_items(path) if not (args.tie_word_embeddings and n == "lm_head.weight"))
     written = load_named_tensors(model, items)
     expected = {hf for hf in _hf_names(model)}
     missing = sorted(expected - written)
@@ -98,11 +155,11 @@ def load_checkpoint(model: CausalLM, path: str | Path) -> None:
 
 
 def _hf_names(model: CausalLM) -> Iterator[str]:
-    """The HF parameter names the model needs (fused params expanded back into their parts)."""
+    """The HF tensor names the model needs (fused params expanded back into their parts)."""
     unpacked: dict[str, list[str]] = {}
     for hf, (fused, _) in PACKED.items():
         unpacked.setdefault(fused, []).append(hf)
-    for name, _ in model.named_parameters():
+    for name in _destinations(model, remove_duplicate=True):
         *prefix, module, leaf = name.split(".")
         for part in unpacked.get(module, [module]):
             yield ".".join(prefix + [part, leaf])
