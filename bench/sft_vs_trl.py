@@ -387,7 +387,7 @@ def worker(spec_path: Path) -> None:
     import torch
 
     torch.manual_seed(spec["seed"])
-    result = run_ours(spec) if spec["side"] == "ours" else run_trl(spec, liger=spec["side"] == "trl_liger")
+    result = run_ours(spec) if is_ours(spec["side"]) else run_trl(spec, liger=spec["side"] == "trl_liger")
     Path(spec["result"]).write_text(json.dumps(result))
 
 
