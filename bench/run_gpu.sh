@@ -11,6 +11,9 @@
 # Entry <name> runs `timeout <t> python bench/<name>.py <args> --out $OUT/<name>[-<tag>].json`,
 # logging to $OUT/<name>[-<tag>].log; a tag lets one script run twice with different arguments.
 # A failed or timed-out entry does not stop the others; the exit code is the number that failed.
+# Args are split at whitespace (so one flag value holds no space; ';' and '=' are fine, e.g.
+# --ours-variants compiled=train.compile=true;bf16w=train.mixed_precision=bf16_weights). Give a
+# script that takes --time-budget one ~20 s below the entry's timeout so it prints its table itself.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

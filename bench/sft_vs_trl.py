@@ -22,6 +22,16 @@ with the default side and with every baseline. Overrides are validated against t
 before any model or corpus is built, so a misspelt key fails in a second, not after a model load.
 ``--time-budget`` bounds the whole run: a side gets at most the time left, and a side that cannot
 start with ``MIN_SIDE_S`` left is recorded as skipped, so the table and JSON always come out.
+
+The whole matrix does not fit one 600 s GPU call (a side is ~55 s of start-up plus its steps: 135M
+LoRA took ~95 s per side at 35 steps). One (shape, method) per entry keeps each comparison inside
+one call; entries sharing ``--workdir`` reuse the random-init model. Two calls of <= 560 s:
+
+    bash bench/run_gpu.sh "sft_vs_trl@135m-qlora:290:--shapes smollm2-135m --methods qlora --steps 20 --warmup 4 \
+        --time-budget 270 --workdir /tmp/bench-sft" "sft_vs_trl@1b-lora:270:--shapes llama-3.2-1b --methods lora \
+        --steps 12 --warmup 3 --time-budget 250 --workdir /tmp/bench-sft"
+    bash bench/run_gpu.sh "sft_vs_trl@1b-qlora:290:--shapes llama-3.2-1b --methods qlora --steps 12 --warmup 3 \
+        --time-budget 270 --workdir /tmp/bench-sft"
 """
 from __future__ import annotations
 
