@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO stages 1-3 (``parallel.strategy=zero1|zero2|zero3``) through ``deepspeed.initialize``.
 
-The DeepSpeed config is generated from ours (batch sizes, clipping, bf16, stage, offload) and a
-user JSON (``parallel.deepspeed_config``) is merged over it. The model is built normally (not under
+The DeepSpeed config is generated from ours (batch sizes, clipping, bf16, stage, offload, buffer
+sizes from the model's layer size) and a user JSON (``parallel.deepspeed_config``) is merged over it;
+``trainer.memory`` estimates from the same resolved config. The model is built normally (not under
 ``zero.Init``) and partitioned by ``deepspeed.initialize``, so every model source, LoRA and QLoRA
 work unchanged. Without offload the optimizer is our own torch optimizer (no CPU-Adam build);
 with offload DeepSpeed's CPU Adam runs the step on the host.
@@ -28,11 +29,22 @@ from trainer.config import ConfigError, deep_merge
 TAG = "zero"
 
 
-def deepspeed_config(cfg, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON for ``cfg`` (before the user's overrides)."""
+# DeepSpeed's own default for its gradient and all-gather buckets (elements): the cap of ours.
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000
+
+
+def deepspeed_config(cfg, world_size: int, on_gpu: bool, hf_config=None) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``cfg`` (before the user's overrides).
+
+    With ``hf_config`` (the model's transformers config) the communication buffers are sized from
+    the model (``zero_buffer_sizes``) instead of DeepSpeed's 5e8-element defaults; the memory
+    estimator calls this with the same config, so it counts exactly the buffers that will exist.
+    """
     stage = int(cfg.parallel.strategy[-1])
     t = cfg.train
     zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
+    if hf_config is not None:
+        zero.update(zero_buffer_sizes(cfg, hf_config, stage))
     if cfg.parallel.offload in ("optimizer", "params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if cfg.parallel.offload == "params":
@@ -52,6 +64,52 @@ def deepspeed_config(cfg, world_size: int, on_gpu: bool) -> dict[str, Any]:
     }
 
 
+def zero_buffer_sizes(cfg, hf_config, stage: int) -> dict[str, int]:
+    """Bucket and ZeRO-3 prefetch/release sizes (in elements) derived from one decoder layer.
+
+    DeepSpeed's defaults are absolute (5e8-element buckets: two 1 GB bf16 gradient buffers under
+    overlap_comm whatever the model, even for LoRA). Sized by the layer instead:
+
+    * ``reduce_bucket_size`` / ``allgather_bucket_size``: one layer's worth of gradients, so the
+      reduction of layer k overlaps the backward of layer k-1 (capped at DeepSpeed's default).
+    * ``stage3_prefetch_bucket_size``: the next whole layer is gathered while this one computes.
+    * ``stage3_max_reuse_distance``: 2 layers. With activation checkpointing a layer is used by its
+      recompute and then by its backward, less than two layers apart in DeepSpeed's trace; a smaller
+      window releases the weights in between and gathers them a third time (the slow ZeRO-3 of the
+      last benchmark). A larger one keeps the last forward layers gathered into the backward.
+    * ``stage3_max_live_parameters``: current + prefetched + reused layer.
+    * ``stage3_param_persistence_threshold``: norms, biases and LoRA adapters stay gathered (tiny,
+      used in every layer: all-gathering them is pure latency).
+    """
+    from trainer.memory import ModelShape
+
+    shape = ModelShape.from_hf(hf_config)
+    layer = shape.layer_params
+    bucket = min(DEEPSPEED_DEFAULT_BUCKET, _round_up(layer, 512))  # all-gather buckets must be NCCL-aligned
+    sizes = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if stage == 3:
+        widest = max(max(io) for io in shape.layer_linears().values())
+        adapter = cfg.lora.rank * widest if cfg.lora.enabled else 0
+        sizes.update({
+            "stage3_prefetch_bucket_size": layer,
+            "stage3_max_reuse_distance": 2 * layer,
+            "stage3_max_live_parameters": 3 * layer,
+            "stage3_param_persistence_threshold": max(10 * shape.hidden, adapter),
+        })
+    return sizes
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def resolved_deepspeed_config(cfg, world_size: int, on_gpu: bool, hf_config=None) -> dict[str, Any]:
+    """What ``deepspeed.initialize`` receives: the generated config with the user's JSON merged over it."""
+    generated = deepspeed_config(cfg, world_size, on_gpu, hf_config)
+    user = cfg.parallel.deepspeed_config
+    return deep_merge(generated, load_user_config(user)) if user else generated
+
+
 def load_user_config(path: str) -> dict[str, Any]:
     try:
         return json.loads(Path(path).read_text())
@@ -69,17 +127,15 @@ class ZeroStrategy(DistributedStrategy):
         self.lockstep_forward = self.stage == 3
         self._stepped = False
 
-    def ds_config(self) -> dict[str, Any]:
-        generated = deepspeed_config(self.cfg, self.world_size, self.device.type == "cuda")
-        user = self.cfg.parallel.deepspeed_config
-        return deep_merge(generated, load_user_config(user)) if user else generated
+    def ds_config(self, hf_config=None) -> dict[str, Any]:
+        return resolved_deepspeed_config(self.cfg, self.world_size, self.device.type == "cuda", hf_config)
 
     def wrap(self, model: torch.nn.Module, make_optimizer: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         import deepspeed
 
         model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        config = self.ds_config()
+        config = self.ds_config(getattr(self.unwrap(model), "config", None))
         if "offload_optimizer" in config["zero_optimization"]:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -1,4 +1,5 @@
-"""The dry-run memory estimator: the ZeRO formulas, strategy ordering, and activations against autograd's own count."""
+"""The dry-run memory estimator: the ZeRO formulas, DeepSpeed's buffers from the generated config, strategy
+ordering, phases, and activations against autograd's own count."""
 from __future__ import annotations
 
 import pytest
@@ -36,21 +37,31 @@ def test_full_finetune_model_states_follow_zero_formulas(strategy, bytes_per_par
     psi = ModelShape.from_hf(BIG).total_params
     assert 7.4e9 < psi < 7.6e9  # 16 B/param: ~120 GB with DDP, ~1.9 GB per GPU with ZeRO-3 on 64 GPUs
     for n in (2, 8, 64):
-        est = estimate_memory(_cfg(parallel__strategy=strategy), BIG, n)
+        # with accumulation, ZeRO-1 keeps full gradients between boundaries: the paper's case
+        est = estimate_memory(_cfg(parallel__strategy=strategy, train__grad_accum=4), BIG, n)
         assert _model_states(est) == pytest.approx(bytes_per_param(n) * psi, rel=1e-9)
+
+
+def test_zero1_without_accumulation_keeps_only_the_gradient_partition():
+    """DeepSpeed reduces each gradient into its owner's partition at every boundary: ZeRO-2's 2/N gradients."""
+    psi = ModelShape.from_hf(BIG).total_params
+    est = estimate_memory(_cfg(parallel__strategy="zero1", train__grad_accum=1), BIG, 8)
+    assert _model_states(est) == pytest.approx((2 + 2 / 8 + 12 / 8) * psi, rel=1e-9)
+    assert any("grad_accum=1" in a for a in est.assumptions)
 
 
 def test_cpu_fp32_has_no_master_copy():
     psi = ModelShape.from_hf(BIG).total_params
-    est = estimate_memory(_cfg(parallel__strategy="zero1", device="cpu"), BIG, 4)
+    est = estimate_memory(_cfg(parallel__strategy="zero1", device="cpu", train__grad_accum=2), BIG, 4)
     assert _model_states(est) == pytest.approx((4 + 4 + 8 / 4) * psi, rel=1e-9)
     assert any("fp32" in a for a in est.assumptions)
 
 
 def test_strategy_and_memory_option_ordering():
     total = lambda n=8, **kw: estimate_memory(_cfg(**kw), BIG, n).total  # noqa: E731
-    ddp, z1, z2, z3, fsdp = (total(parallel__strategy=s) for s in ("ddp", "zero1", "zero2", "zero3", "fsdp2"))
+    ddp, z1, z2, z3, fsdp = (total(parallel__strategy=s, train__grad_accum=4) for s in ("ddp", "zero1", "zero2", "zero3", "fsdp2"))
     assert ddp > z1 > z2 > z3 and ddp > fsdp
+    assert total(parallel__strategy="zero1") == total(parallel__strategy="zero2")  # no accumulation: same gradients
     assert total(parallel__strategy="fsdp2", parallel__reshard_after_forward=False) > fsdp
     assert total(parallel__strategy="zero3", n=16) < z3
     # memory options shrink what they claim to
@@ -115,6 +126,63 @@ def test_report_names_every_row_and_assumption():
     for name, _ in est.rows:
         assert name in text
     assert "sharded" in text and "LoRA r=16" in text
+
+
+def _rows(est) -> dict[str, float]:
+    return {name.split(" (")[0]: b for name, b in est.rows + est.step_rows}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_buffers_come_from_the_generated_config(stage, tmp_path):
+    """Bucket rows use the resolved DeepSpeed config's sizes: ours by default, the user's JSON when it overrides them."""
+    import json
+
+    pytest.importorskip("deepspeed")
+    from parallel.zero import resolved_deepspeed_config
+
+    cfg = _cfg(parallel__strategy=f"zero{stage}")
+    zero = resolved_deepspeed_config(cfg, 8, True, BIG)["zero_optimization"]
+    layer = ModelShape.from_hf(BIG).layer_params
+    assert layer <= zero["reduce_bucket_size"] < layer + 512  # one decoder layer, NCCL-aligned
+    rows = _rows(estimate_memory(cfg, BIG, 8))
+    buffers = 2 if stage < 3 else 1  # stages 1-2 double-buffer under overlap_comm; stage 3 keeps one
+    bucket_row = "DeepSpeed gradient buckets" if stage < 3 else "DeepSpeed stage-3 gradient bucket"
+    assert rows[bucket_row] == buffers * zero["reduce_bucket_size"] * 2
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 500_000_000}}))
+    cfg.parallel.deepspeed_config = str(user)
+    assert _rows(estimate_memory(cfg, BIG, 8))[bucket_row] == buffers * 500_000_000 * 2
+
+
+def test_deepspeed_step_copies_count_only_in_the_optimizer_step():
+    """step() flattens the bf16 gradient partition and casts it to fp32 after activations are freed:
+    the peak is the larger phase, and a huge micro-batch moves it to forward/backward."""
+    psi = ModelShape.from_hf(BIG).total_params
+    small = estimate_memory(_cfg(parallel__strategy="zero2", train__micro_batch_size=1, train__seq_len=128), BIG, 2)
+    step = dict(small.step_rows)
+    assert sum(step.values()) == pytest.approx((2 + 4) * psi / 2, rel=1e-9)
+    assert small.peak_phase == "optimizer step" and small.total == small.step_total > sum(b for _, b in small.rows) - 1
+    big = estimate_memory(_cfg(parallel__strategy="zero2", train__micro_batch_size=64, train__seq_len=4096), BIG, 2)
+    assert big.peak_phase == "forward/backward" and big.total == pytest.approx(sum(b for _, b in big.rows))
+    offloaded = estimate_memory(_cfg(parallel__strategy="zero2", parallel__offload="optimizer"), BIG, 2)
+    assert offloaded.step_rows == []  # the step runs on the host
+
+
+def test_zero3_gathered_layers_follow_prefetch_and_reuse_distance(tmp_path):
+    """Our config gathers the current + one prefetched layer; DeepSpeed's default 1e9 reuse distance keeps
+    the last forward layers gathered into the backward, which the estimate must then count."""
+    import json
+
+    pytest.importorskip("deepspeed")
+    cfg = _cfg(parallel__strategy="zero3")
+    ours = estimate_memory(cfg, BIG, 8)
+    assert any(name.startswith("gathered weights (root + 2 layers)") for name, _ in ours.rows)
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage3_max_reuse_distance": 1_000_000_000}}))
+    cfg.parallel.deepspeed_config = str(user)
+    defaults = estimate_memory(cfg, BIG, 8)
+    gathered = next(name for name, _ in defaults.rows if name.startswith("gathered weights"))
+    assert gathered != "gathered weights (root + 2 layers)" and defaults.total > ours.total
 
 
 @pytest.mark.parametrize("arch,lora", [("llama", False), ("qwen2", False), ("llama", True)])

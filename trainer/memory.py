@@ -11,6 +11,15 @@ rows reduce to the ZeRO paper's numbers per parameter Ψ on N ranks:
     zero3, fsdp2  16Ψ/N        (+ the layers gathered for the current forward/backward)
 
 On CPU (fp32 everywhere) DeepSpeed keeps no separate master copy: (4 + 4 + 8/N)Ψ, (4 + 12/N)Ψ, 16Ψ/N.
+(DeepSpeed's ZeRO-1 without gradient accumulation reduces each gradient straight into the rank's
+partition, so it holds ZeRO-2's 2Ψ/N of gradients, not 2Ψ.)
+
+DeepSpeed adds buffers the paper's table leaves out, read from the resolved DeepSpeed config
+(``parallel.zero.resolved_deepspeed_config``, the one the run passes to ``deepspeed.initialize``):
+the gradient buckets (two of ``reduce_bucket_size`` under ``overlap_comm`` for stages 1-2, one
+persistent one for stage 3) and, inside ``step()``, a flattened copy of the gradient partition and
+its fp32 cast. Rows held through forward/backward and rows that exist only during the optimizer
+step are kept apart: the peak is the larger of the two phases, not their sum.
 """
 from __future__ import annotations
 
@@ -24,17 +33,26 @@ _DQ_BLOCK = 256  # double quant: absmax quantized to 8 bit in blocks of 256, one
 
 @dataclass
 class MemoryEstimate:
-    rows: list[tuple[str, float]]  # (what, bytes per rank)
-    total: float  # bytes per rank at peak
+    rows: list[tuple[str, float]]  # (what, bytes per rank) held at the forward/backward peak
+    total: float  # bytes per rank at peak: the larger of the two phases
     assumptions: list[str] = field(default_factory=list)
     title: str = "estimated peak memory per rank"
+    step_rows: list[tuple[str, float]] = field(default_factory=list)  # extra, only inside the optimizer step
+    step_total: float = 0.0  # bytes per rank inside the optimizer step (activations are free by then)
+
+    @property
+    def peak_phase(self) -> str:
+        return "optimizer step" if self.step_rows and self.step_total >= self.total else "forward/backward"
 
     def format_table(self) -> str:
         """Plain-text table (logs, tests)."""
-        width = max(len(name) for name, _ in self.rows + [("total", 0)])
+        width = max(len(name) for name, _ in self.rows + self.step_rows + [("total", 0)])
         lines = [self.title]
         lines += [f"  {name:<{width}}  {b / GiB:9.3f} GiB" for name, b in self.rows]
-        lines.append(f"  {'total':<{width}}  {self.total / GiB:9.3f} GiB")
+        if self.step_rows:
+            lines.append("  inside the optimizer step (activations freed):")
+            lines += [f"  {name:<{width}}  {b / GiB:9.3f} GiB" for name, b in self.step_rows]
+        lines.append(f"  {'total':<{width}}  {self.total / GiB:9.3f} GiB  (peak in the {self.peak_phase})")
         lines += ["assumptions:"] + [f"  - {a}" for a in self.assumptions]
         return "\n".join(lines)
 
@@ -50,7 +68,9 @@ class MemoryEstimate:
         table.add_column("share", justify="right")
         for name, b in self.rows:
             table.add_row(name, f"{b / GiB:.3f}", f"{100 * b / self.total:.0f}%" if self.total else "-")
-        table.add_row("[bold]total", f"[bold]{self.total / GiB:.3f}", "100%", end_section=True)
+        for name, b in self.step_rows:
+            table.add_row(f"[dim]step only:[/] {name}", f"{b / GiB:.3f}", "")
+        table.add_row(f"[bold]total[/] ({self.peak_phase})", f"[bold]{self.total / GiB:.3f}", "100%", end_section=True)
         return Group(table, Text("\n".join(f"- {a}" for a in self.assumptions), style="dim"))
 
 
@@ -124,13 +144,21 @@ class ModelShape:
         return 4 * (11 * h + 2 * kv + 4 * i + extra)
 
 
-def _sharding(strategy: str) -> tuple[bool, bool, bool]:
-    """(weights, gradients, optimizer states) sharded over ranks?"""
+def _sharding(strategy: str, grad_accum: int) -> tuple[bool, bool, bool]:
+    """(weights, gradients, optimizer states) sharded over ranks?
+
+    DeepSpeed's ZeRO-1 reduces every gradient into the owning rank's partition at the accumulation
+    boundary; with ``grad_accum=1`` every backward is one, so only partitioned gradients are kept.
+    """
     return {
         "single": (False, False, False), "ddp": (False, False, False),
-        "zero1": (False, False, True), "zero2": (False, True, True),
+        "zero1": (False, grad_accum == 1, True), "zero2": (False, True, True),
         "zero3": (True, True, True), "fsdp2": (True, True, True),
     }[strategy]
+
+
+# Rows freed before the optimizer step runs (everything else lives through it).
+_FREED_BEFORE_STEP = ("gathered weights", "autocast", "activations", "logits", "DeepSpeed gradient buckets")
 
 
 def estimate_memory(cfg, hf_config, world_size: int = 1) -> MemoryEstimate:
@@ -145,7 +173,7 @@ def estimate_memory(cfg, hf_config, world_size: int = 1) -> MemoryEstimate:
     mixed = on_gpu and autocast  # bf16 *storage* (LoRA base, DeepSpeed model, FSDP2 gathers) only on GPU
     deepspeed = strategy.startswith("zero")
     act_bytes = 2 if autocast else 4
-    shard_w, shard_g, shard_o = _sharding(strategy)
+    shard_w, shard_g, shard_o = _sharding(strategy, cfg.train.grad_accum)
     per = lambda sharded: 1 / n if sharded else 1.0  # noqa: E731
     eight_bit = "8bit" in cfg.train.optimizer
     adam_bytes = 2 if eight_bit else 8  # m and v: fp32 each, or one byte each (+ block scales, ignored)
@@ -183,6 +211,8 @@ def estimate_memory(cfg, hf_config, world_size: int = 1) -> MemoryEstimate:
                  ("gradients (fp32)", 4 * trainable * per(shard_g)),
                  ("optimizer: Adam states", adam_bytes * trainable * per(shard_o))]
         notes.append("trainable weights, gradients and optimizer states in fp32" + (" (CPU or precision=fp32)" if not mixed else ""))
+    if strategy == "zero1" and shard_g:
+        notes.append("zero1 with train.grad_accum=1: DeepSpeed keeps only this rank's gradient partition")
     if eight_bit:
         notes.append(f"train.optimizer={cfg.train.optimizer}: 2 bytes of Adam state per trainable parameter")
     if cfg.parallel.offload == "optimizer" or (cfg.parallel.offload == "params" and not shard_w):
@@ -192,45 +222,107 @@ def estimate_memory(cfg, hf_config, world_size: int = 1) -> MemoryEstimate:
         rows = [(name, 0.0) if name.startswith(("optimizer", "trainable weights", "frozen base", "gradients")) else (name, b) for name, b in rows]
         notes.append("parallel.offload=params: sharded weights, gradients and optimizer states live in host memory")
 
+    step_rows: list[tuple[str, float]] = []
+    ds_layers = None
+    if deepspeed:
+        buffer_rows, step_rows, ds_layers, ds_notes = _deepspeed_buffers(cfg, hf_config, shape, trainable, n, on_gpu, mixed)
+        rows += buffer_rows
+        notes += ds_notes
+
     # Transient full-size weights: gathered layers (sharded weights) or autocast's bf16 copies.
     w_bytes = (0.5 if qlora else (2 if mixed else 4))
     if shard_w:
-        live_layers = shape.layers if (strategy == "fsdp2" and not cfg.parallel.reshard_after_forward) else 2
+        live_layers = ds_layers or (shape.layers if (strategy == "fsdp2" and not cfg.parallel.reshard_after_forward) else 2)
         gathered = (shape.root_params * (4 if qlora else w_bytes) + live_layers * shape.layer_params * w_bytes) * (1 - 1 / n)
         rows.append((f"gathered weights (root + {live_layers} layers)", gathered))
-        notes.append("sharded weights: the root (embeddings, head) plus the current and prefetched layer are unsharded at once"
-                     if live_layers == 2 else "fsdp2 reshard_after_forward=false: every layer stays gathered from forward to backward")
+        if strategy == "fsdp2" and not cfg.parallel.reshard_after_forward:
+            notes.append("fsdp2 reshard_after_forward=false: every layer stays gathered from forward to backward")
+        elif live_layers == 2:
+            notes.append("sharded weights: the root (embeddings, head) plus the current and prefetched layer are unsharded at once")
     elif autocast and not qlora and not (mixed and (lora or deepspeed)):
         rows.append(("autocast bf16 weight copies", 2 * psi))
         notes.append("bf16 autocast of fp32 weights: each linear keeps its bf16 weight copy for the backward")
 
-    # Activations.
+    rows += _activation_rows(cfg, shape, autocast, lora, act_bytes, notes)
+    if cfg.train.method == "dpo" and not lora:
+        rows.append(("reference model (frozen)", psi * (2 if mixed else 4) * per(shard_w)))
+    if cfg.train.method in ("grpo", "distill"):
+        notes.append(f"train.method={cfg.train.method}: rollout engine KV cache / teacher model are not included")
+    notes.append("allocator fragmentation and the CUDA context (~0.5 GiB) are not included")
+    backward_total = sum(b for _, b in rows)
+    kept_through_step = sum(b for name, b in rows if not name.startswith(_FREED_BEFORE_STEP))
+    step_total = kept_through_step + sum(b for _, b in step_rows)
+    return MemoryEstimate(rows=rows, total=max(backward_total, step_total), assumptions=notes,
+                          step_rows=step_rows, step_total=step_total)
+
+
+def _activation_rows(cfg, shape: ModelShape, autocast: bool, lora: bool, act_bytes: int, notes: list[str]) -> list[tuple[str, float]]:
+    """Saved activations (per checkpointing mode) and the logits + loss of one micro-batch."""
+    from parallel.activation import checkpointed_layer_indices
+
     mult = 2 if cfg.train.method == "dpo" else 1  # chosen + rejected in one micro-batch
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len * mult
     full_layer = shape.activation_bytes_per_token(autocast, lora) * tokens
     boundary = shape.hidden * tokens * act_bytes  # a checkpointed layer keeps only its input
     mode = cfg.train.activation_checkpointing
-    from parallel.activation import checkpointed_layer_indices
-
     if mode == "offload":
         act = full_layer  # one layer in flight on the device, the rest in host memory
         notes.append(f"activation offload: {shape.layers * full_layer / GiB:.2f} GiB of activations in host memory")
     else:
         k = len(checkpointed_layer_indices(shape.layers, mode, cfg.train.ac_every_k))
         act = (shape.layers - k) * full_layer + k * boundary + (full_layer if k else 0)  # + one recomputed layer
-    rows.append((f"activations ({mode}, {tokens} tokens/micro-batch)", act))
     notes.append(f"activations in {'bf16' if act_bytes == 2 else 'fp32'}; SDPA uses a fused kernel (no T x T matrix kept)")
-
     chunk = cfg.train.loss_chunk_size
     logit_tokens = min(chunk, tokens) if chunk > 0 else tokens
-    rows.append((f"logits + loss ({logit_tokens} tokens at once)", logit_tokens * shape.vocab * (act_bytes + 8)))
     notes.append("logits in the compute dtype plus an fp32 upcast and its log-softmax" + (f", {chunk} tokens per loss chunk" if chunk > 0 else ""))
+    return [(f"activations ({mode}, {tokens} tokens/micro-batch)", act),
+            (f"logits + loss ({logit_tokens} tokens at once)", logit_tokens * shape.vocab * (act_bytes + 8))]
 
-    if cfg.train.method == "dpo" and not lora:
-        rows.append(("reference model (frozen)", psi * (2 if mixed else 4) * per(shard_w)))
-    if cfg.train.method in ("grpo", "distill"):
-        notes.append(f"train.method={cfg.train.method}: rollout engine KV cache / teacher model are not included")
-    notes.append("allocator fragmentation and the CUDA context (~0.5 GiB) are not included")
-    total = sum(b for _, b in rows)
-    return MemoryEstimate(rows=rows, total=total, assumptions=notes)
 
+def _deepspeed_buffers(cfg, hf_config, shape: ModelShape, trainable: int, n: int, on_gpu: bool, mixed: bool):
+    """DeepSpeed's own buffers, sized from the resolved DeepSpeed config (DeepSpeed 0.19 source).
+
+    Returns (rows held through backward, rows only inside ``step()``, ZeRO-3 layers gathered at once
+    or None, notes). Stages 1-2 (``stage_1_and_2.py``): ``setup_buckets`` allocates one
+    ``reduce_bucket_size`` gradient bucket per backward, two under ``overlap_comm``, freed when the
+    backward ends; ``step()`` flattens the gradient partition (a copy) and casts it to fp32 before
+    the optimizer runs. Stage 3 (``stage3.py``): one bucket allocated at init and kept; ``step()``
+    does the same flatten + cast per ``sub_group_size`` elements; layers stay gathered for the
+    prefetch window and while their next use is within ``stage3_max_reuse_distance``.
+    """
+    from parallel.zero import resolved_deepspeed_config
+
+    ds = resolved_deepspeed_config(cfg, n, on_gpu, hf_config)
+    zero = ds["zero_optimization"]
+    stage = int(zero["stage"])
+    grad_bytes = 2 if ds["bf16"]["enabled"] else 4
+    bucket = int(zero.get("reduce_bucket_size", 5e8))
+    partition = trainable / n
+    offload = "offload_optimizer" in zero
+    rows, step_rows = [], []
+    if stage < 3:
+        buffers = 2 if zero.get("overlap_comm", False) else 1
+        rows.append((f"DeepSpeed gradient buckets ({buffers} x {bucket / 1e6:.1f}M elements)", buffers * bucket * grad_bytes))
+    else:
+        rows.append((f"DeepSpeed stage-3 gradient bucket ({bucket / 1e6:.1f}M elements, kept)", bucket * grad_bytes))
+        partition = min(partition, int(zero.get("sub_group_size", 1e9)))
+    if not offload:
+        # flatten() copies the partition in the gradient dtype; .to(fp32) copies again unless already fp32
+        step_rows.append(("step: flattened gradient partition", partition * grad_bytes))
+        if grad_bytes != 4:
+            step_rows.append(("step: its fp32 cast for the optimizer", partition * 4))
+    notes = [f"DeepSpeed buffers from the resolved config: reduce_bucket_size={bucket:,}"
+             + (", overlap_comm" if zero.get("overlap_comm") else "") + ("; the optimizer step runs on the host" if offload else "")]
+    layers = None
+    if stage == 3:
+        layer = shape.layer_params
+        prefetched = -(-int(zero.get("stage3_prefetch_bucket_size", 5e7)) // layer)
+        # layers whose backward use is within the reuse distance stay gathered from forward to backward:
+        # between them lie the head and two passes (recompute + backward) over every later layer
+        reuse = int(zero.get("stage3_max_reuse_distance", 1e9))
+        retained = max(0, (reuse - shape.root_params) // (2 * layer))
+        live_cap = max(1, int(zero.get("stage3_max_live_parameters", 1e9)) // layer)
+        layers = min(shape.layers, 1 + min(prefetched, live_cap) + retained)
+        notes.append(f"ZeRO-3: {layers} layers gathered at once (current + {min(prefetched, live_cap)} prefetched"
+                     + (f" + {retained} kept from forward to backward by stage3_max_reuse_distance" if retained else "") + ")")
+    return rows, step_rows, layers, notes
