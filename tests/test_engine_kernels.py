@@ -103,6 +103,37 @@ def check_engine() -> None:
     assert runs[0] == runs[1], runs
 
 
+def check_engine_gemv() -> None:
+    """The model's GEMV paths (qkv/gate_up with the add + norm prologue carrying the residual stream,
+    down_proj with SiLU * up, o_proj and the LM head plain; row kernel at 1 row, dot kernel with
+    split-K at 2..8) give the torch backend's greedy tokens. The plans are fixed here; on CUDA the
+    runner times them."""
+    import tempfile
+
+    import torch
+
+    from engine import LLM, SamplingParams
+    from engine.kernels.gemv import GemvConfig, Workspace
+    from engine.kernels.gemv_tuning import GemvPlan
+    from tests.conftest import make_tiny_model_dir
+
+    # a 512-token vocabulary: the interpreter runs every program of the LM head's GEMV in Python
+    path = make_tiny_model_dir(Path(tempfile.mkdtemp()), "qwen3", num_hidden_layers=2, vocab_size=512)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], [42] * 5]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    options = dict(dtype="fp32", block_size=4, num_blocks=32, max_num_batched_tokens=8, skip_tokenizer_init=True)
+    expected = [o.outputs[0].token_ids for o in LLM(path, attention_backend="torch", **options).generate(prompts, params)]
+    llm = LLM(path, attention_backend="triton", **options)
+    row, dot = GemvConfig(1, 256, 64, 2), GemvConfig(16, 256, 64, 2)  # wide N tiles: few interpreted programs
+    workspace = Workspace(torch.device("cpu"))
+    for p in llm.engine.runner.model.projections():
+        workspace.reserve(p.linear.weight.shape[0], dot)
+        p.linear.gemv = GemvPlan({1: row, 2: dot, 4: dot, 8: dot}, workspace)
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]  # batch 1: row kernel
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]  # batch 3: dot kernel
+    assert alone == expected and batched == expected, (alone, batched, expected)
+
+
 def check_gemv() -> None:
     """Every candidate config (row and dot kernels, split-K with a ragged last split, bias) and every
     prologue equals torch: plain, add + RMSNorm (with and without a residual), SiLU * up."""
@@ -177,7 +208,7 @@ def check_gemv_rejects_bad_input() -> None:
 
 
 CHECKS = {"decode": check_decode, "prefill": check_prefill, "store": check_store, "engine": check_engine,
-          "gemv": check_gemv, "gemv_bf16": check_gemv_bf16, "gemv_rejects_bad_input": check_gemv_rejects_bad_input}
+          "engine_gemv": check_engine_gemv, "gemv": check_gemv, "gemv_bf16": check_gemv_bf16, "gemv_rejects_bad_input": check_gemv_rejects_bad_input}
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
