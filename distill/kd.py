@@ -164,21 +164,27 @@ class DistillMethod(Method):
         batch["on_policy"] = torch.tensor(1)
         return batch
 
+    def _teacher_side(self, batch: dict[str, Any], mask: torch.Tensor) -> TeacherSide | None:
+        """The teacher's final hidden states at the trained positions (its logits are made per chunk in the loss),
+        or its cached top-k log-probs; None for data-based distillation."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                hidden = final_hidden_states(self.teacher, self.teacher_unwrapped, batch)[:, :-1][mask]
+            return TeacherSide(hidden=hidden, head=output_head(self.teacher_unwrapped))
+        if self.cache is not None:
+            ids, logp = self.cache.lookup({k: v.cpu() for k, v in batch.items()})
+            device = batch["input_ids"].device
+            return TeacherSide(topk_ids=ids.to(device), topk_logp=logp.to(device))
+        return None
+
     def normalizer(self, batch: dict[str, Any]) -> float:
         return float(trained_positions(batch)[0].sum())
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
         d = self.cfg.distill
         mask, targets = trained_positions(batch)
+        teacher = self._teacher_side(batch, mask)  # first: its forward's temporaries never meet the student's saved activations
         hidden = final_hidden_states(model, self.run.unwrapped, batch)[:, :-1][mask]
-        teacher = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_hidden = final_hidden_states(self.teacher, self.teacher_unwrapped, batch)[:, :-1][mask]
-            teacher = TeacherSide(hidden=teacher_hidden, head=output_head(self.teacher_unwrapped))
-        elif self.cache is not None:
-            ids, logp = self.cache.lookup({k: v.cpu() for k, v in batch.items()})
-            teacher = TeacherSide(topk_ids=ids.to(hidden.device), topk_logp=logp.to(hidden.device))
         on_policy = bool(batch.get("on_policy", 0))
         ce_mask = torch.full_like(targets, not on_policy, dtype=torch.bool)
         loss_sum, parts = chunked_kd_loss(hidden, output_head(self.run.unwrapped), targets, teacher, self.spec,

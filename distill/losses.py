@@ -68,30 +68,42 @@ class KDSpec:
         return KD_LOSSES[self.loss]
 
 
+def tempered_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 log-softmax of logits / T (bf16 autocast never reduces a softmax over the vocabulary in bf16)."""
+    logits = logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
+def kd_from_log_probs(student_logp: torch.Tensor, teacher_logp: torch.Tensor, spec: KDSpec) -> torch.Tensor:
+    """Per-token KD from log-probs already taken at temperature T, scaled by T^2 so gradients keep their size as T changes."""
+    return spec.divergence()(student_logp, teacher_logp, spec.beta) * spec.temperature**2
+
+
 def kd_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: KDSpec) -> torch.Tensor:
-    """Per-token KD over the full vocabulary, scaled by T^2 so gradients keep their size as T changes."""
+    """Per-token KD over the full vocabulary."""
     t = spec.temperature
-    student_logp = F.log_softmax(student_logits.float() / t, dim=-1)
-    teacher_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return spec.divergence()(student_logp, teacher_logp, spec.beta) * t * t
+    return kd_from_log_probs(tempered_log_probs(student_logits, t), tempered_log_probs(teacher_logits, t), spec)
 
 
-def kd_from_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor, spec: KDSpec) -> torch.Tensor:
+def kd_from_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor, spec: KDSpec,
+                 student_logp: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token KD against cached teacher top-k log-probs (taken at T=1 over the full vocabulary).
 
     The teacher is renormalised over its top-k support at temperature T (exact when k = vocabulary,
     because log p = z - log Z makes softmax(log p / T) = softmax(z / T)). The student keeps its
     full-vocabulary log-probs, gathered on that support, so mass it puts elsewhere is still penalised
-    by forward KL.
+    by forward KL. ``student_logp`` (the student's full log-probs at T) saves recomputing them.
     """
     t = spec.temperature
-    student_logp = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, topk_ids.long())
+    if student_logp is None:
+        student_logp = tempered_log_probs(student_logits, t)
     teacher_logp = F.log_softmax(topk_logp.float() / t, dim=-1)
-    return spec.divergence()(student_logp, teacher_logp, spec.beta) * t * t
+    return kd_from_log_probs(student_logp.gather(-1, topk_ids.long()), teacher_logp, spec)
 
 
-def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(student_logits.float(), targets, reduction="none")
+def nll_from_log_probs(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token CE from T=1 log-probs: a gather, so KD and CE share one [tokens, vocab] log-softmax."""
+    return -log_probs.gather(-1, targets[:, None]).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,18 +139,23 @@ def chunked_kd_loss(
     ce_w = 1.0 if teacher is None else ce_weight
     if ce_mask is None:
         ce_mask = torch.ones_like(targets, dtype=torch.bool)
+    t = spec.temperature
 
     def chunk_loss(h: torch.Tensor, tgt: torch.Tensor, mask: torch.Tensor, *teacher_chunk: torch.Tensor) -> torch.Tensor:
+        # Peak memory is a handful of [chunk, vocab] fp32 buffers: the student's log-softmax (shared by CE
+        # at T=1), the teacher's no-grad log-probs and the divergence's temporaries.
         logits = student_head(h)
-        ce = cross_entropy(logits, tgt) * mask
+        logp_t1 = tempered_log_probs(logits, 1.0)
+        ce = nll_from_log_probs(logp_t1, tgt) * mask
         if teacher is None:
             return torch.stack([ce.sum(), ce.new_zeros(())])
+        student_logp = logp_t1 if t == 1.0 else tempered_log_probs(logits, t)
         if teacher.hidden is not None:
-            with torch.no_grad():
-                teacher_logits = teacher.head(teacher_chunk[0])
-            kd = kd_from_logits(logits, teacher_logits, spec)
+            with torch.no_grad():  # the teacher's logits exist for this chunk only and never join the graph
+                teacher_logp = tempered_log_probs(teacher.head(teacher_chunk[0]), t)
+            kd = kd_from_log_probs(student_logp, teacher_logp, spec)
         else:
-            kd = kd_from_topk(logits, *teacher_chunk, spec)
+            kd = kd_from_topk(logits, *teacher_chunk, spec, student_logp=student_logp)
         return torch.stack([ce.sum(), kd.sum()])
 
     totals = student_hidden.new_zeros(2, dtype=torch.float32)

@@ -82,6 +82,33 @@ def test_training_steps_lower_the_kd_loss_and_validation_reports_it(tmp_path, te
     assert set(val) == {"val_loss", "val_ppl", "val_kd"} and val["val_ppl"] > 1
 
 
+def test_online_teacher_runs_without_grad_and_no_head_sees_more_than_a_chunk(tmp_path, teacher_dir):
+    chunk = 4
+    method, run = _setup(_cfg(tmp_path, teacher_dir, f"distill.chunk_size={chunk}"))
+    head_rows = {"teacher": [], "student": []}
+    grad_in_teacher = []
+    hooks = [
+        method.teacher_unwrapped.get_output_embeddings().register_forward_hook(
+            lambda mod, args, out: head_rows["teacher"].append(args[0].shape[:-1].numel())),
+        run.unwrapped.get_output_embeddings().register_forward_hook(lambda mod, args, out: head_rows["student"].append(args[0].shape[:-1].numel())),
+        method.teacher_unwrapped.get_decoder().register_forward_hook(lambda mod, args, out: grad_in_teacher.append(torch.is_grad_enabled())),
+    ]
+    batch = method.next_batch()
+    n = method.normalizer(batch)
+    assert n > 2 * chunk  # several chunks, so a whole-batch projection would show
+    (method.loss(run.model, batch).loss_sum / n).backward()
+    for h in hooks:
+        h.remove()
+    assert grad_in_teacher == [False]  # one teacher forward per micro-batch, outside autograd
+    # full-vocabulary logits exist for one chunk at a time: after the forward's last-position row per sequence,
+    # the teacher's head projects the n trained positions chunk by chunk, in the forward and again when the
+    # backward recomputes each chunk
+    rows = batch["input_ids"].shape[0]
+    assert head_rows["teacher"][0] == rows and sum(head_rows["teacher"][1:]) == 2 * n
+    assert max(head_rows["teacher"]) <= chunk and max(head_rows["student"]) <= chunk
+    assert all(p.grad is None for p in method.teacher_unwrapped.parameters())
+
+
 def test_on_policy_batches_are_student_samples_and_the_engine_follows_the_student(tmp_path, teacher_dir):
     method, run = _setup(_cfg(tmp_path, teacher_dir, "distill.on_policy_ratio=1.0", "distill.on_policy_max_new_tokens=4"))
     batch = method.next_batch()
