@@ -1,7 +1,8 @@
 """Offline throughput of our engine vs transformers ``generate`` on nano-vllm's bench workload,
-plus the batch-1 decode step against the memory roofline.
+plus the batch-1 decode step against the memory roofline, Triton GEMV on vs off.
 
-    python bench/engine_throughput.py --out $OUT/engine_throughput.json            # H100, ~5 min
+    python bench/engine_throughput.py --out $OUT/engine_throughput.json            # H100, ~6 min
+    python bench/engine_throughput.py --sections bs1 --out $OUT/bs1.json          # H100, bs1 only, ~2 min
     python bench/engine_throughput.py --smoke                                     # CPU, tiny: code path only
 
 Workload (per shape, same for both sides): 256 requests, random token-id prompts (ids < 10000) of
@@ -12,9 +13,11 @@ transformers runs the SAME requests as static batches (sorted by prompt length, 
 ``--hf-batch-size`` per batch, each batch decoding to its longest request); ``generate(max_time=)``
 stops it at ``--hf-time-limit`` seconds, and the row (marked partial) counts the output tokens it
 produced (each request's, up to its requested length) over that time.
-Batch-1 decode vs the roofline (weight bytes read per decode step / measured device copy bandwidth):
-``decode_step_ms`` is the whole engine step a user waits for (scheduling, input copy, graph replay
-with the LM head, sampling, stop checks); ``forward_ms`` is the GPU time of one graph replay alone.
+Batch-1 decode vs the roofline (weight bytes read per decode step / measured device copy bandwidth),
+measured twice in the same engine, with the Triton GEMV (``engine.gemv``) on and off (cuBLAS):
+``step`` is the whole engine step a user waits for (scheduling, input copy, graph replay with the
+LM head and argmax, token read, stop checks; the next replay is queued before a step returns),
+``replay`` the GPU time of one graph replay alone; then the replay's top kernels (GEMV on).
 """
 from __future__ import annotations
 
@@ -93,50 +96,72 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
               num_blocks=4096)  # num_blocks: the CPU (smoke) budget
     startup = time.perf_counter() - start
     llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up (kernel compiles)
-    params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in out_lens]
-    start = now()
-    outs = llm.generate(prompts, params)
-    seconds = now() - start
-    produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert produced == sum(out_lens), f"engine produced {produced} tokens, expected {sum(out_lens)}"
-    row = {"side": "crucible engine", "requests": len(prompts), "output_tokens": produced, "seconds": seconds,
-           "tok_per_s": produced / seconds, "startup_s": startup, "num_kv_blocks": llm.engine.runner.num_blocks,
-           "preemptions": llm.stats()["preemptions"]}
-    row.update(decode_roofline(llm, args.profile))
-    del llm, outs
+    row = {"side": "crucible engine", "startup_s": startup, "num_kv_blocks": llm.engine.runner.num_blocks}
+    if "throughput" in args.sections:
+        params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in out_lens]
+        start = now()
+        outs = llm.generate(prompts, params)
+        seconds = now() - start
+        produced = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert produced == sum(out_lens), f"engine produced {produced} tokens, expected {sum(out_lens)}"
+        row.update(requests=len(prompts), output_tokens=produced, seconds=seconds, tok_per_s=produced / seconds,
+                   preemptions=llm.stats()["preemptions"])
+    if "bs1" in args.sections:
+        print("  bs1 decode vs roofline", flush=True)
+        row.update(decode_roofline(llm, 20 if args.smoke else 200))
+    del llm
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
 
 
-def decode_roofline(llm, profile: bool = False) -> dict:
-    """Median batch-1 decode step (whole engine step: schedule, graph replay, LM head, sampling)."""
+def decode_roofline(llm, steps: int = 200) -> dict:
+    """Batch-1 decode against the roofline, with the Triton GEMV on and off (cuBLAS) in one process:
+    ``step_ms_*`` is the whole engine step a user waits for (median over ``steps`` greedy steps),
+    ``replay_ms_*`` the GPU time of one graph replay; plus the replay's kernel profile (GEMV on)."""
+    engine = llm.engine
+    runner = engine.runner
+    nbytes = weight_bytes(runner.model)
+    bandwidth = copy_bandwidth(engine.device)
+    roofline = nbytes / bandwidth
+    row = {"weight_gb": nbytes / 1e9, "copy_bw_gb_s": bandwidth / 1e9, "roofline_ms": roofline * 1e3}
+    on_gpu = engine.device.type == "cuda"
+    for variant, gemv_on in ((("gemv", True), ("cublas", False)) if on_gpu else (("cublas", False),)):
+        if on_gpu:
+            runner.set_gemv(gemv_on)  # recaptures the decode graphs
+        step, replay = bs1_step_seconds(engine, steps), graph_replay_seconds(engine)
+        row.update({f"step_ms_{variant}": step * 1e3, f"replay_ms_{variant}": replay * 1e3,
+                    f"step_x_roofline_{variant}": step / roofline, f"replay_x_roofline_{variant}": replay / roofline})
+        print(f"  bs1 {variant}: step {step * 1e3:.3f} ms, replay {replay * 1e3:.3f} ms, roofline {roofline * 1e3:.3f} ms",
+              flush=True)
+    if on_gpu:
+        runner.set_gemv(True)
+        row["replay_profile"] = replay_profile(engine)
+        row["gemv_choices"] = [r for r in runner.gemv_tuning if r["rows"] == 1]
+    best = "gemv" if on_gpu else "cublas"
+    row.update(decode_step_ms=row[f"step_ms_{best}"], forward_ms=row[f"replay_ms_{best}"],
+               x_roofline_engine_step=row[f"step_x_roofline_{best}"], x_roofline=row[f"replay_x_roofline_{best}"])
+    return row
+
+
+def bs1_step_seconds(engine, steps: int) -> float:
+    """Median whole engine step of one greedy request (schedule, input copy, replay, token read, stop checks)."""
     from engine import SamplingParams
 
-    engine = llm.engine
-    engine.add_request(list(range(1, 129)), SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True), "roofline")
+    engine.add_request(list(range(1, 129)), SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True), "bs1")
     times = []
     while engine.has_unfinished():
         start = now()
         engine.step()
         times.append(now() - start)
-    engine.output("roofline")
-    step = statistics.median(times[10:])
-    forward = graph_replay_seconds(engine)
-    if profile:
-        profile_replay(engine)
-    nbytes = weight_bytes(engine.runner.model)
-    bandwidth = copy_bandwidth(engine.device)
-    roofline = nbytes / bandwidth
-    return {"decode_step_ms": step * 1e3, "forward_ms": forward * 1e3, "roofline_ms": roofline * 1e3,
-            "x_roofline": forward / roofline, "x_roofline_engine_step": step / roofline,
-            "weight_gb": nbytes / 1e9, "copy_bw_gb_s": bandwidth / 1e9}
+    engine.output("bs1")
+    return statistics.median(times[10:] or times)
 
 
 def graph_replay_seconds(engine, reps: int = 200) -> float:
-    """GPU time of one batch-1 decode graph replay (decoder stack + LM head), back to back: the
-    device-side floor of a decode step, without the host's share."""
+    """GPU time of one batch-1 decode graph replay (decoder stack + LM head + argmax), back to back:
+    the device-side floor of a decode step, without the host's share."""
     import torch
 
     runner = engine.runner
@@ -154,18 +179,31 @@ def graph_replay_seconds(engine, reps: int = 200) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
-def profile_replay(engine) -> None:
-    """--profile: GPU time per kernel kind over 20 batch-1 graph replays (where the step goes)."""
+def replay_profile(engine, replays: int = 20, top: int = 8) -> list[dict]:
+    """Where a batch-1 replay's GPU time goes: the top kernels by device time, per replay; printed."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    if 1 not in engine.runner.graphs:
-        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
+        for _ in range(replays):
             engine.runner.graphs[1].replay()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60), flush=True)
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if us > 0:
+            kernels.append({"kernel": event.key[:70], "us_per_replay": us / replays, "calls_per_replay": event.count / replays})
+    total = sum(k["us_per_replay"] for k in kernels) or 1.0
+    kernels.sort(key=lambda k: -k["us_per_replay"])
+    for k in kernels:
+        k["share"] = k["us_per_replay"] / total
+    rest = kernels[top:]
+    kernels = kernels[:top] + ([{"kernel": f"({len(rest)} other kernels)", "us_per_replay": sum(k["us_per_replay"] for k in rest),
+                                 "calls_per_replay": sum(k["calls_per_replay"] for k in rest),
+                                 "share": sum(k["share"] for k in rest)}] if rest else [])
+    print_table("bs1 replay kernel profile (GEMV on)", kernels, [("kernel", "kernel"), ("calls_per_replay", "calls"),
+                                                               ("us_per_replay", "us / replay"), ("share", "share")])
+    return kernels
 
 
 def run_transformers(model_dir: str, prompts, out_lens, args) -> dict:
@@ -216,8 +254,13 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--hf-batch-size", type=int, default=128)
-    p.add_argument("--hf-time-limit", type=float, default=150.0, help="seconds per shape for the transformers side")
+    p.add_argument("--hf-time-limit", type=float, default=75.0, help="seconds per shape for the transformers side")
+    p.add_argument("--sections", type=csv_list, default=["throughput", "hf", "bs1"],
+                   help="what to run per shape: throughput (engine), hf (transformers), bs1 (decode vs roofline)")
     args = p.parse_args()
+    unknown = set(args.sections) - {"throughput", "hf", "bs1"}
+    if unknown:
+        p.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose from throughput, hf, bs1")
     if args.smoke:
         args.num_requests, args.min_len, args.max_len, args.shapes = 6, 4, 12, args.shapes[:1]
     import tempfile
@@ -236,6 +279,8 @@ def main() -> int:
             engine_row = {"side": "crucible engine", "error": f"{type(e).__name__}: {e}"}
         rows.append({"shape": shape, **engine_row})
         save_results(args.out, "engine_throughput", args, rows)
+        if "hf" not in args.sections:
+            continue
         print(f"[{shape}] transformers generate on the same requests", flush=True)
         try:
             hf_row = run_transformers(model_dir, prompts, out_lens, args)
@@ -248,11 +293,18 @@ def main() -> int:
         save_results(args.out, "engine_throughput", args, rows)
     print_table("engine throughput (256 requests, in/out U[100,1024], ignore_eos)", rows, [
         ("shape", "shape"), ("side", "side"), ("requests", "requests"), ("output_tokens", "out tokens"), ("seconds", "s"),
-        ("tok_per_s", "out tok/s"), ("speedup_vs_hf", "x HF"), ("forward_ms", "bs1 fwd ms"), ("decode_step_ms", "bs1 step ms"),
-        ("roofline_ms", "roofline ms"), ("x_roofline_engine_step", "step x roofline"), ("x_roofline", "fwd x roofline"), ("preemptions", "preempt"), ("error", "error"),
-    ], notes=["targets (H100): qwen3-0.6b >= 11,000 out tok/s and >= 10x transformers; bs1 decode step <= 1.3x roofline",
-              "bs1 fwd: GPU time of one graph replay (decoder + LM head); bs1 step: the whole engine step (+ input copy, scheduling, sampling)",
+        ("tok_per_s", "out tok/s"), ("speedup_vs_hf", "x HF"), ("preemptions", "preempt"), ("error", "error"),
+    ], notes=["targets (H100): qwen3-0.6b >= 11,000 out tok/s and >= 10x transformers",
               "transformers: static sorted batches; 'partial' rows stopped at --hf-time-limit (tokens produced by then / time)"])
+    bs1_rows = [r for r in rows if "roofline_ms" in r]
+    if bs1_rows:
+        print_table("batch-1 decode vs roofline (weight bytes / copy bandwidth): Triton GEMV vs cuBLAS", bs1_rows, [
+            ("shape", "shape"), ("weight_gb", "weights GB"), ("roofline_ms", "roofline ms"),
+            ("step_ms_gemv", "step ms GEMV"), ("step_ms_cublas", "step ms cuBLAS"),
+            ("replay_ms_gemv", "replay ms GEMV"), ("replay_ms_cublas", "replay ms cuBLAS"),
+            ("step_x_roofline_gemv", "step x roofline GEMV"), ("step_x_roofline_cublas", "step x roofline cuBLAS"),
+        ], notes=["target (H100): bs1 decode step <= 1.3x roofline",
+                  "step: whole engine step (schedule, copy, replay incl. LM head + argmax, token read); replay: GPU time alone"])
     for row in rows:
         if row.get("partial"):
             print(f"note: {row['shape']} transformers side is partial ({row['requests']} requests)")
