@@ -147,7 +147,7 @@ def test_engine_latency_smoke_measures_both_features(tmp_path):
     assert rows["chunked prefill on"]["budget"] == 32 and rows["chunked prefill off"]["budget"] >= 96
     assert "(b) 3 decoding requests" in proc.stdout  # the tables print last
     assert [p.name for p in charts.chart(data, tmp_path)] == ["engine_latency.png"]
-    assert len(charts.markdown_rows(data)) == 6
+    assert len(charts.markdown_rows(data)) == len(charts.LATENCY_PAIRS)  # every on-vs-off pair has both numbers
 
 
 def test_run_gpu_sh_runs_entries_with_timeouts_and_summarizes(tmp_path):
