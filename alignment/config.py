@@ -63,6 +63,7 @@ class GRPOConfig:
     max_logprob_diff: float = 0.05  # stop when engine and trainer log-probs of sampled tokens differ by more (mean |diff|)
     parity_samples: int = 4  # completions re-scored by the trainer for that check
     eval_problems: int = 64  # held-out problems scored greedily by the engine at evaluate()
+    rollout_kv_fraction: float = 0.1  # GPU: the colocated engine's KV cache takes at most this share of total memory (the trainer needs the rest)
 
     def check(self, cfg) -> None:
         from alignment import rl
@@ -78,6 +79,8 @@ class GRPOConfig:
             raise ConfigError(f"grpo.group_size must be >= 2: advantages compare completions within a group (got {self.group_size})")
         if self.temperature <= 0:
             raise ConfigError(f"grpo.temperature must be > 0 for sampling (got {self.temperature})")
+        if not 0.0 < self.rollout_kv_fraction < 1.0:
+            raise ConfigError(f"grpo.rollout_kv_fraction must be in (0, 1) (got {self.rollout_kv_fraction})")
         if not self.rewards:
             raise ConfigError("grpo.rewards is empty; give at least one, e.g. grpo.rewards=correct=1.0")
         if cfg.train.method != "grpo":

@@ -51,7 +51,7 @@ class GRPOMethod(Method):
             raise ValueError(f"rank {rank} has no prompts ({len(rows)} prompts over {world} ranks)")
         self.rewards = R.build_rewards(g)
         self.reference = Reference(resolve_kind(g.reference, cfg.lora.enabled), run.unwrapped, "grpo.reference") if g.kl_coef > 0 else None
-        self.rollout = Rollout(cfg, run.device)
+        self.rollout = Rollout(cfg, run.device, kv_fraction=g.rollout_kv_fraction)
         self.rollout.sync(run.unwrapped, changed_only=False)  # QLoRA: the engine gets the dequantized NF4 base, not the fp checkpoint
         self.queue: deque[dict[str, Any]] = deque()
         self.epoch, self.cursor, self.rng = 0, 0, random.Random(f"grpo-{cfg.seed}-{rank}")
@@ -64,6 +64,7 @@ class GRPOMethod(Method):
                 ("completions per generation", str(g.prompts_per_batch * g.group_size)),
                 ("optimizer steps per generation", str(g.updates_per_batch)),
                 ("rewards", ", ".join(f"{r.name} x{r.weight:g}" for r in self.rewards)),
+                ("rollout engine KV cache", f"{self.rollout.kv_cache_gib:.2f} GiB"),
                 ("loss", f"{g.policy_loss} / {g.loss_agg}" + (f" + {g.kl_coef:g} KL({g.kl_estimator})" if g.kl_coef > 0 else "")),
             ])
 
@@ -157,7 +158,7 @@ class GRPOMethod(Method):
             "completion_len": statistics.fmean(lengths),
             "truncated": statistics.fmean(float(c.finish_reason == "length") for _, c in samples),
             "zero_signal_groups": float((groups.std(dim=1) == 0).float().mean()),
-            "logprob_diff": diff, "generate_s": gen_s,
+            "logprob_diff": diff, "generate_s": gen_s, "engine_kv_gib": self.rollout.kv_cache_gib,
         }
         self.rollout_metrics = {k: v for k, v in self.rollout_metrics.items() if v is not None}
         self._enqueue(batch)

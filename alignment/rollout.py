@@ -68,19 +68,35 @@ def policy_weights(model: torch.nn.Module, changed_only: bool) -> Iterator[tuple
 
 
 class Rollout:
-    """One engine per rank, loaded from the policy's checkpoint directory and synced from the policy."""
+    """One engine per rank, loaded from the policy's checkpoint directory and synced from the policy.
 
-    def __init__(self, cfg, device: torch.device):
+    ``kv_fraction`` (GPU only) caps the engine's KV cache at that share of *total* GPU memory. The
+    engine alone would take ``engine.gpu_memory_utilization`` of the memory minus what is in use at
+    its start, i.e. memory the trainer's optimizer states and activations need a moment later.
+    """
+
+    def __init__(self, cfg, device: torch.device, kv_fraction: float | None = None):
         from engine import LLM
+        from engine.llm_engine import resolve_dtype
 
         from trainer.models import resolve_model_path
 
         if cfg.model.init == "random":
             raise ConfigError("model.init=random: the rollout engine loads the policy's checkpoint directory; save the model and point model.path at it")
+        model_dir = resolve_model_path(cfg.model.path)
         options = {f.name: getattr(cfg.engine, f.name) for f in dataclasses.fields(cfg.engine) if f.name not in ("dtype", "adapter")}
         options["seed"] = cfg.engine.seed + cfg.seed + int(getattr(device, "index", 0) or 0)
-        self.llm = LLM(model=resolve_model_path(cfg.model.path), dtype=cfg.engine.dtype, device=str(device), **options)
+        if device.type == "cuda" and kv_fraction is not None:
+            weight_bytes = checkpoint_numel(model_dir) * resolve_dtype(cfg.engine.dtype, device).itemsize
+            options["gpu_memory_utilization"] = kv_capped_utilization(kv_fraction, weight_bytes, cfg.engine.gpu_memory_utilization, device)
+        self.llm = LLM(model=model_dir, dtype=cfg.engine.dtype, device=str(device), **options)
         self.syncs = 0
+
+    @property
+    def kv_cache_gib(self) -> float:
+        """Size of the engine's KV cache (what the colocated engine adds to the trainer's memory, beyond its weights)."""
+        kv = self.llm.engine.runner.kv_cache
+        return kv.numel() * kv.element_size() / 2**30
 
     def sync(self, model: torch.nn.Module, changed_only: bool = True) -> int:
         """Copy the policy's weights into the engine; returns how many tensors were written."""
@@ -94,6 +110,33 @@ class Rollout:
         if errors:
             raise RuntimeError(f"rollout engine rejected {len(errors)} prompt(s): {errors[0]}")
         return outputs
+
+
+def checkpoint_numel(model_dir: str) -> int:
+    """Elements of every tensor in a checkpoint directory's safetensors files (read from their headers)."""
+    import math
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
+
+
+def kv_capped_utilization(kv_fraction: float, engine_weight_bytes: int, ceiling: float, device: torch.device) -> float:
+    """The ``gpu_memory_utilization`` under which the engine's KV cache is at most ``kv_fraction`` of total memory.
+
+    The engine gives its KV cache ``total * utilization`` minus what is in use when it measures: memory
+    outside this process, this process's live tensors (the trainer's model), its own weights and its
+    warm-up step. Counting all but the warm-up now and adding the cap makes the cache the cap minus
+    the warm-up's small peak. ``ceiling`` (engine.gpu_memory_utilization) still bounds the total.
+    """
+    torch.cuda.empty_cache()  # the allocator's cached blocks are not "in use"
+    free, total = torch.cuda.mem_get_info(device)
+    return min(ceiling, (total - free + engine_weight_bytes + kv_fraction * total) / total)
 
 
 @torch.no_grad()

@@ -36,33 +36,15 @@ def write_pairs(path: Path, n: int, completion_words: int) -> None:
 
 
 def ours(p: dict[str, Any]) -> dict[str, Any]:
-    from trainer.config import load_config
-    from trainer.trainer import Trainer
-
-    cfg = load_config([
-        f"model.path={p['model_dir']}", "train.method=dpo", f"train.max_steps={p['warmup'] + p['steps']}", f"device={p['device']}",
+    common.reset_peak_memory()
+    res = common.run_crucible([
+        f"model.path={p['model_dir']}", "train.method=dpo", f"device={p['device']}",
         f"precision={'bf16' if p['device'] == 'cuda' else 'fp32'}", f"train.micro_batch_size={p['pairs']}", "train.grad_accum=1",
         f"data.source={p['data']}", "data.val_fraction=0", f"data.packing={p['packing']}", f"train.seq_len={p['seq_len']}",
         "dpo.reference=lora_disabled", "dpo.beta=0.1", f"dpo.max_prompt_len={p['seq_len'] // 2}", "train.lr=5e-5", "train.scheduler=constant",
         "lora.rank=16", "lora.alpha=32", "eval.every_n_steps=0", "checkpoint.save_final=false", f"output_dir={p['workdir']}/ours",
-    ])
-    times: list[float] = []
-
-    class Timed(Trainer):
-        def train_step(self):
-            common.synchronize()
-            t = common.now()
-            record = super().train_step()
-            common.synchronize()
-            times.append(common.now() - t)
-            return record
-
-        def save(self):
-            return None
-
-    common.reset_peak_memory()
-    history = Timed(cfg).train()
-    return {"times": times, "peak_gib": common.peak_memory_gib(), "losses": [r["loss"] for r in history if "loss" in r]}
+    ], warmup=p["warmup"], steps=p["steps"])
+    return {"times": res["times"], "peak_gib": common.peak_memory_gib(), "losses": res["losses"]}
 
 
 def trl(p: dict[str, Any]) -> dict[str, Any]:
@@ -97,9 +79,14 @@ def main() -> None:
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--side-timeout", type=int, default=None,
+                        help="seconds each side may take, model load included (default: 200; 1200 with --smoke on a shared CPU)")
+    parser.add_argument("--sides", type=common.csv_list, default=list(SIDES), help=f"which of {','.join(SIDES)} to run")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if unknown := set(args.sides) - set(SIDES):
+        parser.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))}; choose from {', '.join(SIDES)}")
     if args.worker:
         spec = json.loads(args.spec.read_text())
         result = {"ours": ours, "trl": trl}[args.worker](spec)
@@ -118,18 +105,25 @@ def main() -> None:
             **{k: getattr(args, k) for k in ("pairs", "seq_len", "warmup", "steps")}}
     (workdir / "spec.json").write_text(json.dumps(spec))
     rows = []
-    for side in SIDES:
+    for side in args.sides:
         cmd = [sys.executable, __file__, "--worker", side, "--spec", str(workdir / "spec.json")]
-        res = common.run_worker(cmd, common.worker_result_path(workdir, side), timeout=200, label=side)
+        res = common.run_worker(cmd, common.worker_result_path(workdir, side), timeout=args.side_timeout or (1200 if args.smoke else 200), label=side)
         measured = res.get("times", [])[args.warmup:]
         step = statistics.median(measured) if measured else None
         rows.append({"side": side, "step_s": step, "pairs_per_s": args.pairs / step if step else None, "peak_gib": res.get("peak_gib"),
                      "error": res.get("error")})
         common.save_results(args.out, "dpo_step", args, rows)
+    by_side = {r["side"]: r for r in rows}
+    mine, theirs = by_side.get("ours", {}), by_side.get("trl", {})
+    if mine.get("step_s") and theirs.get("step_s"):
+        mine["speedup"] = theirs["step_s"] / mine["step_s"]
+    if mine.get("peak_gib") and theirs.get("peak_gib"):
+        mine["memory_vs_trl"] = mine["peak_gib"] / theirs["peak_gib"]
+    common.save_results(args.out, "dpo_step", args, rows)
     common.print_table(f"DPO step ({args.shape}, {args.pairs} pairs, ~{args.completion_tokens}-token completions, LoRA r16, "
                        f"reference = base with adapters off)", rows,
-                       [("side", "side"), ("step_s", "step s (median)"), ("pairs_per_s", "pairs/s"), ("peak_gib", "peak GiB"),
-                        ("error", "error")],
+                       [("side", "side"), ("step_s", "step s (median)"), ("speedup", "x faster"), ("pairs_per_s", "pairs/s"),
+                        ("peak_gib", "peak GiB"), ("memory_vs_trl", "memory / TRL's"), ("error", "error")],
                        notes=[f"ours packs chosen+rejected documents into rows (packing={args.packing}); TRL pads [chosen; rejected]"])
 
 

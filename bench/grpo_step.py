@@ -6,7 +6,7 @@ generates with ``model.generate`` (``use_vllm=False``). A step is one generation
 optimizer step, so rollout time is inside it on both sides. Each side runs in its own process so
 ``torch.cuda.max_memory_allocated`` is clean. Prints a table, writes JSON.
 
-    python bench/grpo_step.py --out grpo.json                 # H100, ~3 min
+    python bench/grpo_step.py --out grpo.json                 # H100, ~5 min (TRL: ~50 s per step)
     python bench/grpo_step.py --smoke                         # tiny model on CPU: checks the code paths
 """
 from __future__ import annotations
@@ -32,38 +32,22 @@ def reward_vowels(prompts, completions, **_):
     return [sum(ch in "aeiou" for ch in t) / (len(t) + 1) for t in texts]
 
 
-def ours(spec: dict[str, Any]) -> dict[str, Any]:
-    from trainer.config import load_config
-    from trainer.trainer import Trainer
-
-    p = spec
-    cfg = load_config([
-        f"model.path={p['model_dir']}", "train.method=grpo", f"train.max_steps={p['warmup'] + p['steps']}", f"device={p['device']}",
+def ours(p: dict[str, Any]) -> dict[str, Any]:
+    common.reset_peak_memory()
+    res = common.run_crucible([
+        f"model.path={p['model_dir']}", "train.method=grpo", f"device={p['device']}",
         f"precision={'bf16' if p['device'] == 'cuda' else 'fp32'}", f"train.micro_batch_size={p['micro_batch']}",
         f"train.grad_accum={p['prompts'] * p['group'] // p['micro_batch']}", f"grpo.prompts_per_batch={p['prompts']}",
         f"grpo.group_size={p['group']}", f"grpo.max_tokens={p['max_tokens']}", "grpo.rewards=bench.grpo_step:reward_vowels=1.0",
         f"train.seq_len={p['max_tokens'] + 128}", "train.lr=1e-5", "train.scheduler=constant", "lora.rank=16", "lora.alpha=32",
         "grpo.max_logprob_diff=0.1", "eval.every_n_steps=0", "grpo.eval_problems=0", "checkpoint.save_final=false",
-        "engine.gpu_memory_utilization=0.35", f"output_dir={p['workdir']}/ours",
-    ])
-    times: list[float] = []
-
-    class Timed(Trainer):
-        def train_step(self):
-            common.synchronize()
-            t = common.now()
-            record = super().train_step()
-            common.synchronize()
-            times.append(common.now() - t)
-            return record
-
-        def save(self):  # not what is measured
-            return None
-
-    common.reset_peak_memory()
-    history = Timed(cfg).train()
+        f"grpo.rollout_kv_fraction={p['kv_fraction']}", f"output_dir={p['workdir']}/ours",
+    ], warmup=p["warmup"], steps=p["steps"])
+    history = res["history"]
     diffs = [r["logprob_diff"] for r in history if "logprob_diff" in r]
-    return {"times": times, "peak_gib": common.peak_memory_gib(), "max_logprob_diff": max(diffs) if diffs else None}
+    kv = [r["engine_kv_gib"] for r in history if "engine_kv_gib" in r]
+    return {"times": res["times"], "peak_gib": common.peak_memory_gib(), "max_logprob_diff": max(diffs) if diffs else None,
+            "engine_kv_gib": kv[-1] if kv else None}
 
 
 def trl(spec: dict[str, Any]) -> dict[str, Any]:
@@ -103,11 +87,18 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8, help="completions per prompt")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="steps before the measured ones (both sides)")
+    parser.add_argument("--steps", type=int, default=2, help="measured steps (both sides): a TRL step with model.generate takes ~50 s")
+    parser.add_argument("--kv-fraction", type=float, default=0.05,
+                        help="grpo.rollout_kv_fraction: our engine's KV cache cap, as a share of total GPU memory")
+    parser.add_argument("--side-timeout", type=int, default=None,
+                        help="seconds each side may take, model load included (default: 300; 1200 with --smoke on a shared CPU)")
+    parser.add_argument("--sides", type=common.csv_list, default=list(SIDES), help=f"which of {','.join(SIDES)} to run")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if unknown := set(args.sides) - set(SIDES):
+        parser.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))}; choose from {', '.join(SIDES)}")
     if args.worker:  # one side, in its own process
         spec = json.loads(args.spec.read_text())
         result = {"ours": ours, "trl": trl}[args.worker](spec)
@@ -120,21 +111,29 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     spec = {"model_dir": common.build_model_dir(args.shape, workdir / "model"), "workdir": str(workdir),
             "device": "cuda" if torch.cuda.is_available() else "cpu", **{k: getattr(args, k) for k in
-            ("prompts", "group", "max_tokens", "micro_batch", "warmup", "steps")}}
+            ("prompts", "group", "max_tokens", "micro_batch", "warmup", "steps", "kv_fraction")}}
     (workdir / "spec.json").write_text(json.dumps(spec))
     rows = []
-    for side in SIDES:
+    for side in args.sides:
         cmd = [sys.executable, __file__, "--worker", side, "--spec", str(workdir / "spec.json")]
-        res = common.run_worker(cmd, common.worker_result_path(workdir, side), timeout=240, label=side)
+        res = common.run_worker(cmd, common.worker_result_path(workdir, side), timeout=args.side_timeout or (1200 if args.smoke else 300), label=side)
         measured = res.get("times", [])[args.warmup:]
-        rows.append({"side": side, "step_s": statistics.median(measured) if measured else None, "peak_gib": res.get("peak_gib"),
-                     "completions_per_s": args.prompts * args.group / statistics.median(measured) if measured else None,
+        step = statistics.median(measured) if measured else None
+        rows.append({"side": side, "step_s": step, "steps_measured": len(measured), "peak_gib": res.get("peak_gib"),
+                     "engine_kv_gib": res.get("engine_kv_gib"), "completions_per_s": args.prompts * args.group / step if step else None,
                      "max_logprob_diff": res.get("max_logprob_diff"), "error": res.get("error")})
         common.save_results(args.out, "grpo_step", args, rows)
+    by_side = {r["side"]: r for r in rows}
+    if by_side.get("ours", {}).get("step_s") and by_side.get("trl", {}).get("step_s"):
+        by_side["ours"]["speedup"] = by_side["trl"]["step_s"] / by_side["ours"]["step_s"]
+        common.save_results(args.out, "grpo_step", args, rows)
     common.print_table(f"GRPO step ({args.shape}, {args.prompts} prompts x G={args.group}, {args.max_tokens} new tokens, LoRA r16)", rows,
-                       [("side", "side"), ("step_s", "step s (median)"), ("completions_per_s", "completions/s"),
-                        ("peak_gib", "peak GiB"), ("max_logprob_diff", "engine/trainer |dlogp|"), ("error", "error")],
-                       notes=["step = generation + one optimizer step; random-init weights (speed and memory only)"])
+                       [("side", "side"), ("step_s", "step s (median)"), ("steps_measured", "steps"), ("speedup", "x faster"),
+                        ("completions_per_s", "completions/s"), ("peak_gib", "peak GiB"), ("engine_kv_gib", "of which engine KV GiB"),
+                        ("max_logprob_diff", "engine/trainer |dlogp|"), ("error", "error")],
+                       notes=["step = generation + one optimizer step, after the warm-up steps; random-init weights (speed and memory only)",
+                              f"peak = max_memory_allocated of the whole run; ours includes the colocated engine (KV capped at "
+                              f"grpo.rollout_kv_fraction={args.kv_fraction} of GPU memory)"])
 
 
 if __name__ == "__main__":
