@@ -1,6 +1,8 @@
 """Unmerged multi-LoRA in the engine: a batch mixing the base model and two PEFT adapters gives the
 same greedy tokens as PEFT in transformers and as each adapter run alone (fp32, CPU); the adapter
-is part of the prefix-cache key; unservable adapters are refused with a clear message."""
+is part of the prefix-cache key; more adapters than slots are served by on-demand activation from an
+LRU CPU cache; unservable adapters are refused with a clear message; the fused Triton SGMV kernel
+(CPU interpreter) equals the torch reference, alone and inside the engine."""
 from __future__ import annotations
 
 import json
@@ -79,8 +81,8 @@ def hf_greedy(base_dir: str, adapter_dir: str | None, ids_list: list[list[int]])
 
 
 def lora_engine(base_dir: str, **options) -> LLMEngine:
-    return LLMEngine(base_dir, dtype="fp32", device="cpu", enable_lora=True, max_loras=2, max_lora_rank=8,
-                     num_blocks=128, **options)
+    options = dict(dict(enable_lora=True, max_loras=2, max_lora_rank=8, num_blocks=128), **options)
+    return LLMEngine(base_dir, dtype="fp32", device="cpu", **options)
 
 
 def run(engine: LLMEngine, jobs: list[tuple[list[int], int]]) -> list[list[int]]:
@@ -130,14 +132,15 @@ def test_unload_reload_and_refusals(tiny_llama_dir, adapters, tmp_path):
     engine = lora_engine(tiny_llama_dir)
     lora = engine.runner.lora
     first = lora.load("all", adapters["all"])
+    first_slot, first_id = first.slot, first.adapter_id
     lora.load("some", adapters["some"])
-    with pytest.raises(LoRAError, match="max_loras=2"):
-        lora.load("third", adapters["all"])
+    third = lora.load("third", adapters["all"])  # both slots taken: registered, waits in CPU memory
+    assert third.slot is None and third.adapter_id not in lora.slot_by_id
     with pytest.raises(LoRAError, match="already loaded"):
         lora.load("all", adapters["all"])
     lora.unload("all")
     again = lora.load("all", adapters["all"])
-    assert again.slot == first.slot and again.adapter_id != first.adapter_id  # ids never reused: no stale prefix hits
+    assert again.slot == first_slot and again.adapter_id != first_id  # ids never reused: no stale prefix hits
 
     small = LLMEngine(tiny_llama_dir, dtype="fp32", device="cpu", enable_lora=True, max_loras=1, max_lora_rank=4, num_blocks=16)
     with pytest.raises(LoRAError, match="rank 8 > engine.max_lora_rank=4"):
@@ -153,30 +156,73 @@ def test_unload_reload_and_refusals(tiny_llama_dir, adapters, tmp_path):
     assert small.runner.lora.adapters == {}  # a refused adapter takes no slot
 
 
-BGMV_CHECK = """
+def test_more_adapters_than_slots_are_activated_on_demand_lru(tiny_llama_dir, adapters, tmp_path):
+    engine = lora_engine(tiny_llama_dir, max_loras=1)
+    lora = engine.runner.lora
+    lora.max_cpu_loras = 2
+    third = make_adapter(tiny_llama_dir, tmp_path / "third", seed=3, rank=8, targets=["o_proj", "up_proj"])
+    ids = {name: lora.load(name, path).adapter_id for name, path in [*adapters.items(), ("third", third)]}
+    assert [a.name for a in lora.resident()] == ["all"]  # one slot: the first adapter took it
+    assert lora.cached_on_cpu() == ["some", "third"]  # the CPU cache keeps the 2 most recent
+
+    assert lora.activate("some", busy_ids={ids["all"]}) is None, "evicted an adapter that requests still use"
+    batch = prompts(2, seed=3)
+    for name in ("some", "third", "all"):  # "all" comes back from its directory: it left the CPU cache
+        assert lora.activate(name).slot == 0
+        assert [a.name for a in lora.resident()] == [name] and lora.adapters[name].adapter_id == ids[name]
+        assert run(engine, [(p, ids[name]) for p in batch]) == hf_greedy(tiny_llama_dir, lora.adapters[name].path, batch)
+    assert lora.cached_on_cpu() == ["third", "all"]
+
+
+SGMV_CHECK = """
 import torch
-from engine.kernels.lora_triton import bgmv_expand, bgmv_shrink
+from engine.kernels.lora_segments import segments_from_groups, segments_on_device
+from engine.kernels.lora_triton import sgmv_lora
 from engine.lora import lora_delta_grouped
 gen = torch.Generator().manual_seed(0)
 sizes, num_slots, rank, in_features = [24, 8, 8], 3, 12, 40  # a fused qkv-like layer; rank not a power of two
 a = torch.randn(num_slots, len(sizes), rank, in_features, generator=gen)
 b = torch.randn(num_slots, sum(sizes), rank, generator=gen)
-x = torch.randn(7, in_features, generator=gen)
-y = torch.randn(7, sum(sizes), generator=gen)
-slots = torch.tensor([0, -1, 2, 2, 1, -1, 0])
-v = bgmv_shrink(x, a, slots)
-out = bgmv_expand(v, b, slots, y.clone(), torch.tensor([0, 24, 32], dtype=torch.int32),
-                  torch.tensor(sizes, dtype=torch.int32), max(sizes))
-groups = [(s, (slots == s).nonzero().squeeze(1)) for s in range(num_slots)]
-torch.testing.assert_close(out, lora_delta_grouped(x, y.clone(), groups, a, b, sizes), rtol=1e-5, atol=1e-4)
-assert torch.equal(out[slots < 0], y[slots < 0]), "base tokens were changed"
+for num_tokens in (7, 300):  # decode-sized groups (16-row tiles) and a prefill-sized one (64-row tiles)
+    x = torch.randn(num_tokens, in_features, generator=gen)
+    y = torch.randn(num_tokens, sum(sizes), generator=gen)
+    slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen)
+    slots[:num_tokens // 2] = 1  # one tall group
+    groups = [(s, (slots == s).nonzero().squeeze(1)) for s in range(num_slots) if (slots == s).any()]
+    expected = lora_delta_grouped(x, y.clone(), groups, a, b, sizes)
+    for segs in (segments_from_groups(groups, x.device), segments_on_device(slots, num_slots)):  # eager, graph
+        out = sgmv_lora(x, y.clone(), a, b, sizes, segs.rows, segs.item_slot, segs.item_lo, segs.item_hi, segs.block_m)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+        assert torch.equal(out[slots < 0], y[slots < 0]), "base tokens were changed"
+"""
+
+ENGINE_CHECK = """
+import json, sys, torch
+from tests.test_lora_engine import lora_engine, prompts, run
+torch.set_num_threads(1)
+base_dir, adapters = sys.argv[1], json.loads(sys.argv[2])
+engine = lora_engine(base_dir)
+ids = [engine.runner.lora.load(name, path).adapter_id for name, path in adapters.items()]
+jobs = [(p, a) for p in prompts(2, seed=5) for a in (0, *ids)]
+reference = run(engine, jobs)
+for layer in engine.runner.lora.layers.values():
+    layer.use_triton = True  # what a GPU engine does; here through the interpreter
+assert run(engine, jobs) == reference, "the Triton path's tokens differ from the torch path's"
 """
 
 
-def test_triton_bgmv_matches_segment_gather():
+def _interpreted(script: str, *args: str) -> None:
     pytest.importorskip("triton")
     # triton reads TRITON_INTERPRET when it is imported, so the CPU interpreter runs in a fresh process
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", BGMV_CHECK], cwd=Path(__file__).resolve().parents[1], env=env,
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_triton_sgmv_matches_segment_gather():
+    _interpreted(SGMV_CHECK)
+
+
+def test_engine_tokens_through_triton_kernel_equal_torch_path(tiny_llama_dir, adapters):
+    _interpreted(ENGINE_CHECK, tiny_llama_dir, json.dumps(adapters))

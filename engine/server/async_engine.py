@@ -4,6 +4,10 @@ One background thread owns the engine: it runs queued commands (add, abort, load
 between steps, runs ``step()`` while there is work, and fans each changed request's cumulative
 ``RequestOutput`` out to that request's asyncio queue. Only this thread touches the engine, so the
 engine needs no locks and a slow step never blocks the event loop.
+
+A request for a registered adapter that is not in a GPU slot makes it resident on admission
+(evicting the least recently used adapter no request is using); when every slot serves requests in
+flight, the request is parked (counted as waiting) and admitted as soon as a slot frees up.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._pending_adds = 0  # admitted by a handler, not yet in the scheduler (touched on the event loop only)
         self._streams: dict[str, _Stream] = {}
+        self._parked: list[tuple] = []  # (add arguments) of requests waiting for an adapter slot, oldest first
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._error: BaseException | None = None
@@ -73,7 +78,7 @@ class AsyncEngine:
         return self._thread.is_alive() and self._error is None
 
     def stats(self) -> dict[str, float]:
-        return dict(self._stats, waiting=self._stats["waiting"] + self._pending_adds)
+        return dict(self._stats, waiting=self._stats["waiting"] + self._pending_adds + len(self._parked))
 
     # ------------------------------------------------------------------ commands
     async def call(self, fn: Callable[[LLMEngine], object]):
@@ -122,14 +127,42 @@ class AsyncEngine:
 
     def _add(self, engine: LLMEngine, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
              stream: _Stream) -> None:
-        adapter_id = 0
         if adapter is not None:  # resolved here, on the engine thread, so an unload cannot race the add
-            loaded = engine.runner.lora.adapters.get(adapter) if engine.runner.lora else None
-            if loaded is None:
+            if engine.runner.lora is None or adapter not in engine.runner.lora.adapters:
                 raise UnknownModel(adapter)
-            adapter_id = loaded.adapter_id
-        engine.add_request(prompt_ids, params, request_id=request_id, adapter_id=adapter_id)
+            engine._validate_prompt(prompt_ids)  # refuse a bad prompt now, not when it leaves the parking
         self._streams[request_id] = stream
+        if not self._admit(engine, request_id, prompt_ids, params, adapter):
+            self._parked.append((request_id, prompt_ids, params, adapter))
+
+    def _admit(self, engine: LLMEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               adapter: str | None) -> bool:
+        """Hand the request to the engine, making its adapter resident first; False when no slot is free."""
+        adapter_id = 0
+        if adapter is not None:
+            busy = {s.adapter_id for r in engine.requests.values() for s in r.seqs}
+            loaded = engine.runner.lora.activate(adapter, busy)
+            if loaded is None:
+                return False
+            adapter_id = loaded.adapter_id
+        try:
+            engine.add_request(prompt_ids, params, request_id=request_id, adapter_id=adapter_id)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return True
+
+    def _admit_parked(self, engine: LLMEngine) -> None:
+        parked, self._parked = self._parked, []
+        for request_id, prompt_ids, params, adapter in parked:
+            stream = self._streams.get(request_id)
+            if stream is None:  # aborted while parked
+                continue
+            if adapter not in engine.runner.lora.adapters:  # unloaded while parked
+                self._streams.pop(request_id)
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, UnknownModel(adapter))
+            elif not self._admit(engine, request_id, prompt_ids, params, adapter):
+                self._parked.append((request_id, prompt_ids, params, adapter))
 
     def _abort(self, engine: LLMEngine, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -142,6 +175,8 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._run_commands()
+                if self._parked:
+                    self._admit_parked(engine)
                 if not engine.has_unfinished():
                     self._stats = engine.stats()
                     self._wake.wait(timeout=0.5)
