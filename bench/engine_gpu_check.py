@@ -4,7 +4,9 @@
     python bench/engine_gpu_check.py --smoke                              # CPU, tiny: code path only (torch backend)
 
 1. Kernels: KV store, paged decode and paged varlen prefill (with cached prefixes and chunks) on
-   GPU in bf16 and fp32, against ``engine.attention``'s torch reference.
+   GPU in bf16 and fp32, against ``engine.attention``'s torch reference; the Triton GEMV (every
+   candidate config, each prologue, 1/3/8 rows, the 0.6B/1B projection and LM-head shapes) against
+   torch fp32 on the same bf16 inputs.
 2. Parity: a random-init Qwen3-0.6B-shaped model in bf16 (embeddings scaled x5), teacher-forced
    over 32 prompts x 256 tokens, against transformers in fp32 (the reference) and in bf16.
    Why not plain top-1 agreement: even with the scaling, a random-init model's top-2 logits are
@@ -16,7 +18,8 @@
    bf16 noise cannot flip the argmax, so any disagreement is an engine error: target >= 99.5 %
    (transformers bf16 itself scores ~100 % there, shown as a control). Overall agreement is
    reported next to its noise floor. Also: exact match of the first 32 greedy tokens, engine vs
-   transformers bf16, and CUDA graphs vs eager (must be bit-equal).
+   transformers bf16, and CUDA graphs vs eager (must be bit-equal), also for batches of 1 and 4,
+   where the decode projections run the Triton GEMV.
 """
 from __future__ import annotations
 
@@ -79,6 +82,48 @@ def kernel_checks(device: str) -> list[dict]:
     return rows
 
 
+GEMV_SHAPES = [(4096, 1024, "add_rms_norm"), (1024, 2048, "none"), (1024, 3072, "silu_mul"),  # qwen3-0.6b (N, K)
+               (16384, 2048, "add_rms_norm"), (2048, 8192, "silu_mul"), (151936, 1024, "none")]  # llama-3.2-1b, LM head
+
+
+def gemv_checks(device: str, shapes: list[tuple[int, int, str]] = GEMV_SHAPES) -> list[dict]:
+    """The Triton GEMV (every candidate config, each prologue) against torch in fp32 on the same bf16
+    inputs, at the Qwen3-0.6B and Llama-3.2-1B projection shapes and 1, 3 and 8 rows."""
+    import torch
+    import torch.nn.functional as F
+
+    from engine.kernels.gemv import Workspace, candidate_configs, gemv
+    from engine.layers import add_rms_norm, silu_and_mul
+
+    g = torch.Generator(device).manual_seed(0)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else 4
+    worst: dict[str, float] = {}
+    for n, k, prologue in shapes:
+        w = (torch.randn(n, k, generator=g, device=device) * k ** -0.5).bfloat16()
+        norm_w = (1 + 0.1 * torch.randn(k, generator=g, device=device)).bfloat16()
+        for m in (1, 3, 8):
+            x = torch.randn(m, 2 * k if prologue == "silu_mul" else k, generator=g, device=device).bfloat16()
+            residual = torch.randn(m, k, generator=g, device=device).bfloat16()
+            if prologue == "add_rms_norm":
+                x_in, h_ref = add_rms_norm(x, residual, norm_w, 1e-6)
+            else:
+                x_in = silu_and_mul(x) if prologue == "silu_mul" else x
+            ref = F.linear(x_in.float(), w.float())
+            workspace = Workspace(torch.device(device))
+            for config in candidate_configs(n, k, m, sms):
+                workspace.reserve(n, config)
+                out = gemv(x, w, None, config, workspace, prologue, residual, norm_w, 1e-6)
+                y = out[0] if prologue == "add_rms_norm" else out
+                if prologue == "add_rms_norm" and not torch.equal(out[1], h_ref):
+                    worst["residual stream"] = float("inf")
+                # relative to the output scale: bf16 inputs, fp32 accumulation, one bf16 rounding
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                kind = f"{prologue} {'row' if config.block_m == 1 else 'dot'}"
+                worst[kind] = max(worst.get(kind, 0.0), err)
+    return [{"check": f"gemv {kind} vs torch fp32 (max rel. err)", "value": err, "target": "< 1e-2", "ok": err < 1e-2}
+            for kind, err in sorted(worst.items())]
+
+
 def build_model(out: Path, smoke: bool) -> str:
     import torch
     from transformers import AutoModelForCausalLM
@@ -109,13 +154,17 @@ def parity_checks(model_dir: str, device: str, smoke: bool) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     options = dict(skip_tokenizer_init=True, max_model_len=2048, gpu_memory_utilization=0.3, num_blocks=512)
 
+    greedy = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     llm = LLM(model_dir, dtype=dtype, **options)
     outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, prompt_logprobs=1, ignore_eos=True))
     engine_top1 = torch.tensor([[max(e, key=e.get) for e in o.prompt_logprobs[1:]] for o in outs])
     engine_greedy = [o.outputs[0].token_ids for o in outs]
+    small = small_batch_greedy(llm, prompts, greedy)  # batches of 1 and 4: the GEMV paths (<= 8 rows)
+    gemv_projections = sum(r["choice"] != "cublas" for r in llm.engine.runner.gemv_tuning)
     del llm
     eager = LLM(model_dir, dtype=dtype, enforce_eager=True, **options)
-    eager_greedy = [o.outputs[0].token_ids for o in eager.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))]
+    eager_greedy = [o.outputs[0].token_ids for o in eager.generate(prompts, greedy)]
+    eager_small = small_batch_greedy(eager, prompts, greedy)
     del eager
     torch.cuda.empty_cache() if device == "cuda" else None
 
@@ -148,6 +197,8 @@ def parity_checks(model_dir: str, device: str, smoke: bool) -> list[dict]:
     floor = (bf16_top1 == ref_top1).float().mean().item()
     greedy_match = sum(a == b for a, b in zip(engine_greedy, hf_greedy)) / len(prompts)
     graph_match = sum(a == b for a, b in zip(engine_greedy, eager_greedy)) / len(prompts)
+    small_graph_match = sum(a == b for a, b in zip(small, eager_small)) / len(small)
+    small_hf_match = sum(a == b for a, b in zip(small, hf_greedy)) / len(small)
     return [
         {"check": f"top-1 vs fp32 ref, decisive positions (margin > {delta:.3g})", "value": engine_decisive,
          "target": ">= 0.995", "ok": engine_decisive >= 0.995},
@@ -160,7 +211,19 @@ def parity_checks(model_dir: str, device: str, smoke: bool) -> list[dict]:
          "target": "-", "ok": None},
         {"check": "greedy 32 tokens exact, engine vs transformers", "value": greedy_match, "target": ">= 0.95", "ok": greedy_match >= 0.95},
         {"check": "greedy 32 tokens exact, CUDA graphs vs eager", "value": graph_match, "target": "1.0", "ok": graph_match == 1.0},
+        {"check": "  batches of 1 and 4 (GEMV), graphs vs eager", "value": small_graph_match, "target": "1.0",
+         "ok": small_graph_match == 1.0},
+        {"check": "  batches of 1 and 4 (GEMV), engine vs transformers", "value": small_hf_match, "target": ">= 0.95",
+         "ok": small_hf_match >= 0.95},
+        {"check": "  (projection groups x batch buckets using the GEMV)", "value": float(gemv_projections), "target": "-", "ok": None},
     ]
+
+
+def small_batch_greedy(llm, prompts: list[list[int]], params) -> list[list[int]]:
+    """Greedy tokens of the first 8 prompts, one alone at a time, then in batches of 4."""
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts[:4]]
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts[4:8], params)]
+    return alone + batched
 
 
 def main() -> int:
@@ -176,6 +239,7 @@ def main() -> int:
     if device == "cuda":
         try:
             rows += kernel_checks(device)
+            rows += gemv_checks(device)
         except Exception as e:
             traceback.print_exc()
             rows.append({"check": "kernels", "error": f"{type(e).__name__}: {e}", "ok": False})

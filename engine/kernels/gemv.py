@@ -52,20 +52,30 @@ class GemvConfig:
 @triton.jit
 def _load_x(x_ptr, res_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K,
             PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """The [BLOCK_M, BLOCK_K] tile of prologue(x) at columns ``k``, in the weight's dtype."""
+    """The [BLOCK_M, BLOCK_K] tile of prologue(x) at columns ``k``, in the weight's dtype. Arithmetic
+    is fp32 with a rounding to the dtype after each op, as torch computes 16-bit elementwise ops, so
+    the values equal the unfused path's (HF's)."""
     mask = mask_m[:, None] & mask_k[None, :]
     ptrs = x_ptr + offs_m[:, None] * x_stride + k[None, :]
     x = tl.load(ptrs, mask=mask, other=0.0)
+    dtype = x.dtype
     if PROLOGUE == 1:  # add_rms_norm: normalize in fp32, cast back, then scale (HF order)
         if HAS_RESIDUAL:
-            x = (x + tl.load(res_ptr + offs_m[:, None] * K + k[None, :], mask=mask, other=0.0)).to(x.dtype)
-        normed = (x.to(tl.float32) * inv_rms[:, None]).to(x.dtype)
-        x = (tl.load(norm_ptr + k, mask=mask_k, other=0.0)[None, :] * normed).to(x.dtype)
+            x = _add_rounded(x, tl.load(res_ptr + offs_m[:, None] * K + k[None, :], mask=mask, other=0.0))
+        normed = (x.to(tl.float32) * inv_rms[:, None]).to(dtype)
+        scale = tl.load(norm_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        x = (scale * normed.to(tl.float32)).to(dtype)
     elif PROLOGUE == 2:  # silu_mul: gate is the first K columns, up the next K
         gate = x.to(tl.float32)
-        up = tl.load(ptrs + K, mask=mask, other=0.0)
-        x = ((gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up).to(up.dtype)
+        up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        x = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype)
     return x
+
+
+@triton.jit
+def _add_rounded(a, b):
+    """``a + b`` computed in fp32 and rounded to a's dtype (torch's 16-bit add)."""
+    return (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
 
 
 @triton.jit
@@ -79,7 +89,7 @@ def _inv_rms(x_ptr, res_ptr, h_ptr, offs_m, mask_m, x_stride, K, eps, write_h,
         mask = mask_m[:, None] & (k < K)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * x_stride + k[None, :], mask=mask, other=0.0)
         if HAS_RESIDUAL:
-            x = (x + tl.load(res_ptr + offs_m[:, None] * K + k[None, :], mask=mask, other=0.0)).to(x.dtype)
+            x = _add_rounded(x, tl.load(res_ptr + offs_m[:, None] * K + k[None, :], mask=mask, other=0.0))
             tl.store(h_ptr + offs_m[:, None] * K + k[None, :], x, mask=mask & write_h[:, None])
         xf = x.to(tl.float32)
         sq += xf * xf
