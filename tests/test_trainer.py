@@ -201,3 +201,106 @@ def test_wandb_resume_continues_the_same_run_and_logs_the_adapter(tiny_llama_dir
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert runs and all(r.name.endswith(first_id) for r in runs), "a resume must reopen the run, not start another"
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+# --- mixed precision: cast-once bf16 weights against autocast ------------------------------------
+BF16 = ["precision=bf16", "eval.every_n_steps=0", "checkpoint.save_final=false"]
+
+
+def test_bf16_weights_trains_like_autocast_with_fp32_masters(tiny_llama_dir, tmp_path):
+    """Full fine-tuning: bf16 params + fp32 masters follow the autocast loss curve within bf16 noise."""
+    common = [*BF16, "lora.enabled=false", "train.max_steps=6"]
+    autocast = losses(Trainer(tiny_cfg(tiny_llama_dir, tmp_path / "ac", *common)).train())
+    trainer = Trainer(tiny_cfg(tiny_llama_dir, tmp_path / "bw", *common, "train.mixed_precision=bf16_weights"))
+    cast_once = losses(trainer.train())
+    for step in autocast:
+        assert cast_once[step] == pytest.approx(autocast[step], rel=2e-3), step
+    assert cast_once[6] < cast_once[1] - 1.0
+    model = trainer.strategy.unwrap(trainer.model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    masters = trainer.optimizer.masters
+    assert len(masters) == len(list(model.parameters())) and {m.dtype for m in masters} == {torch.float32}
+    # the model holds exactly the rounded masters: nothing drifts between the two copies
+    for p, m in zip(trainer.optimizer.model_params, masters):
+        assert torch.equal(p, m.to(torch.bfloat16))
+
+
+def test_bf16_weights_grad_accumulation_matches_one_big_batch(tiny_llama_dir, tmp_path):
+    """micro-batch 8 == 2 x accumulation 4 under bf16 weights, within bf16 rounding of the summed gradients."""
+    common = [*BF16, "lora.enabled=false", "train.max_steps=3", "train.mixed_precision=bf16_weights"]
+    big = losses(Trainer(tiny_cfg(tiny_llama_dir, tmp_path / "big", *common, "train.micro_batch_size=8")).train())
+    small = losses(Trainer(tiny_cfg(tiny_llama_dir, tmp_path / "small", *common, "train.micro_batch_size=2", "train.grad_accum=4")).train())
+    for step in big:
+        assert small[step] == pytest.approx(big[step], rel=2e-3), step
+
+
+def test_bf16_weights_lora_resume_is_exact(tiny_llama_dir, tmp_path, monkeypatch):
+    """The fp32 masters travel in the optimizer state: a resumed LoRA run continues bit-exactly."""
+    common = [*BF16, "train.mixed_precision=bf16_weights", "train.max_steps=6", "checkpoint.every_n_steps=3",
+              "train.micro_batch_size=2", "resume=auto"]
+    straight = Trainer(tiny_cfg(tiny_llama_dir, tmp_path / "straight", *common))
+    expected = losses(straight.train())
+    original = Trainer.train_step
+
+    def stop_after_3(self):
+        if self.step == 3:
+            raise _Interrupted
+        return original(self)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(Trainer, "train_step", stop_after_3)
+    with pytest.raises(_Interrupted):
+        Trainer(tiny_cfg(tiny_llama_dir, out, *common)).train()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = Trainer(tiny_cfg(tiny_llama_dir, out, *common))
+    assert losses(resumed.train()) == expected
+    for a, b in zip(straight.optimizer.masters, resumed.optimizer.masters):
+        assert torch.equal(a, b)
+
+
+def test_lora_adapters_read_the_layer_input_without_a_copy_under_autocast(tiny_llama_dir, tmp_path):
+    """PEFT's per-layer upcast of the input to the fp32 adapter dtype is off under autocast: each adapter
+    matmul reads the adapted layer's own activation tensor (on GPU a bf16 one), not an fp32 copy of it."""
+    trainer = Trainer(tiny_cfg(tiny_llama_dir, tmp_path / "dtype", *BF16, "train.max_steps=1"))
+    trainer.setup()
+    model = trainer.strategy.unwrap(trainer.model)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert layers
+    reads: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for layer in layers:
+        layer_input: list[torch.Tensor] = []
+        layer.register_forward_pre_hook(lambda m, args, seen=layer_input: seen.append(args[0]))
+        layer.lora_A["default"].register_forward_pre_hook(lambda m, args, seen=layer_input: reads.append((seen[-1], args[0])))
+    batch = {k: v[:, :16] for k, v in trainer.method.next_batch().items()}
+    with trainer.autocast():
+        trainer.method.loss(trainer.model, batch)
+    assert len(reads) == len(layers)
+    assert all(adapter_input is layer_input for layer_input, adapter_input in reads)
+
+
+def test_bf16_weights_config_errors_name_the_key(tiny_llama_dir, tmp_path):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.mixed_precision=bf16_weights needs precision=bf16"):
+        tiny_cfg(tiny_llama_dir, tmp_path, "train.mixed_precision=bf16_weights")
+    with pytest.raises(ConfigError, match="train.optimizer=adamw_8bit"):
+        tiny_cfg(tiny_llama_dir, tmp_path, "precision=bf16", "train.mixed_precision=bf16_weights", "train.optimizer=adamw_8bit")
+
+
+# --- torch.compile ---------------------------------------------------------------------------------
+def test_compiled_lora_run_with_checkpointing_and_packing_matches_eager(tiny_model_factory, tmp_path):
+    """train.compile=true (per layer, around the checkpoint) with LoRA + packing: eager's losses, no graph
+    break, and no graph per layer: layer 0 (whose input needs no grad under LoRA) gets one, the others share one."""
+    from torch._dynamo.utils import counters
+
+    model_dir = tiny_model_factory("llama", num_hidden_layers=3)
+    common = ["train.max_steps=2", "eval.every_n_steps=0", "checkpoint.save_final=false", "train.activation_checkpointing=full",
+              "data.packing=true", "train.seq_len=64", "train.micro_batch_size=2"]
+    eager = losses(Trainer(tiny_cfg(model_dir, tmp_path / "eager", *common)).train())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = losses(Trainer(tiny_cfg(model_dir, tmp_path / "compiled", *common, "train.compile=true")).train())
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], abs=1e-4), step
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2

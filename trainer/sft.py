@@ -1,7 +1,7 @@
 """Supervised fine-tuning: next-token cross-entropy on the trained (label != -100) tokens.
 
 The model is run for its final hidden states only (``logits_to_keep=1`` asks HF for one position's
-logits instead of all of them); the loss projects those hidden states through the LM head chunk by
+logits instead of all of them; a hook on the final norm reads the hidden states); the loss projects those hidden states through the LM head chunk by
 chunk (``trainer.losses``), so the ``[tokens, vocab]`` logits never exist at once. Calling the
 wrapped model's own forward keeps DDP/FSDP hooks and PEFT adapters in the path.
 """
@@ -16,11 +16,33 @@ from trainer.losses import causal_lm_loss_sum, count_trained_tokens
 from trainer.methods import LossOutput, Method, Run
 
 
+def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The final norm of an HF causal LM, plain, PEFT or inside a DDP/DeepSpeed ``.module`` (None if it has none)."""
+    inner = getattr(model, "module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    return getattr(decoder, "norm", None)
+
+
 def final_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The normed last hidden state ``[B, T, H]`` of any HF causal LM (plain, PEFT or wrapped)."""
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1]  # HF ties hidden_states[-1] to last_hidden_state (after the final norm)
+    """The normed last hidden state ``[B, T, H]`` of any HF causal LM (plain, PEFT or wrapped).
+
+    Read by a forward hook on the final norm, not with ``output_hidden_states=True``: that flag makes
+    transformers hook every decoder layer and attention module with output collectors that read a
+    ``ContextVar``, which torch.compile cannot trace (a graph break inside every compiled layer), and
+    keeps every layer's output alive until the loss is taken.
+    """
+    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
+    norm = final_norm(model)
+    if norm is None:  # an architecture without a ``norm`` attribute: HF's own capture
+        return model(**kwargs, output_hidden_states=True).hidden_states[-1]
+    captured: list[torch.Tensor] = []
+    handle = norm.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        model(**kwargs)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def lm_loss(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> LossOutput:

@@ -263,7 +263,25 @@ def _apply_model_passes(model: torch.nn.Module, cfg: Config) -> None:
         from parallel.activation import decoder_layers
 
         for layer in decoder_layers(model):  # per block, as torchtitan: small graphs, names unchanged
-            layer.compile()
+            compile_layer_forward(layer)
+
+
+def compile_layer_forward(layer: torch.nn.Module) -> None:
+    """``torch.compile`` a decoder layer's forward (idempotent).
+
+    The *forward* is compiled, not the module's ``__call__``: transformers installs output-capturing
+    forward hooks on every decoder layer that read a ``ContextVar``, which dynamo cannot trace, so
+    compiling ``__call__`` breaks the graph in every layer. After the activation-checkpointing pass
+    the forward is the checkpoint wrapper, so the checkpoint is compiled with the layer (dynamo turns
+    it into one graph whose backward recomputes inside the compiled code). Every layer has the same
+    code and shapes, so all layers share one compiled graph; packing keeps the shape fixed, so
+    ``dynamic=False`` never trades the static graph for a dynamic one (a different evaluation shape
+    adds a static graph instead).
+    """
+    if getattr(layer, "_crucible_compiled", False):
+        return
+    layer.forward = torch.compile(layer.forward, dynamic=False)
+    layer._crucible_compiled = True
 
 
 def _quiet_hf_loading() -> None:
