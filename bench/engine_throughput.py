@@ -138,7 +138,11 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     if on_gpu:
         runner.set_gemv(True)
         row["replay_profile"] = replay_profile(engine)
-        row["gemv_choices"] = [r for r in runner.gemv_tuning if r["rows"] == 1]
+        row["gemv_choices"] = runner.gemv_tuning
+        print_table("GEMV choice per projection group (timed at start-up, all layers' weights in one CUDA graph)",
+                    runner.gemv_tuning, [("n", "N"), ("k", "K"), ("prologue", "prologue"), ("rows", "rows"),
+                                         ("layers", "layers"), ("cublas_us", "cuBLAS us"), ("best_us", "best us"),
+                                         ("choice", "choice")])
     best = "gemv" if on_gpu else "cublas"
     row.update(decode_step_ms=row[f"step_ms_{best}"], forward_ms=row[f"replay_ms_{best}"],
                x_roofline_engine_step=row[f"step_x_roofline_{best}"], x_roofline=row[f"replay_x_roofline_{best}"])

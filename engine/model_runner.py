@@ -64,6 +64,7 @@ class ModelRunner:
             self._capture_decode_graphs()
 
     # ---------------------------------------------------------------- GEMV
+    @torch.inference_mode()  # as in the steps: torch.compile'd candidates are not recompiled later
     def _plan_gemv(self) -> None:
         from engine.kernels.gemv_tuning import plan
 
