@@ -21,7 +21,7 @@ import torch
 from engine.kernels.gemv import MAX_M, GemvConfig, Workspace, candidate_configs, gemv
 
 BUCKETS = (1, 2, 4, 8)
-_CHOICES: dict[tuple, GemvConfig | None] = {}
+_CHOICES: dict[tuple, tuple[GemvConfig | None, dict]] = {}  # (device, group, bucket) -> (choice, timings)
 
 
 def bucket(m: int) -> int:
@@ -67,10 +67,10 @@ def plan(projections: list[Projection], device: torch.device, reps: int = 3) -> 
         for b in BUCKETS:
             choice_key = (torch.cuda.get_device_name(device), *key, b)
             if choice_key not in _CHOICES:
-                _CHOICES[choice_key], timings = _choose(members, b, workspace, num_sms, reps)
-                rows.append({"n": n, "k": k, "prologue": prologue, "rows": b, "layers": len(members),
-                             "choice": str(_CHOICES[choice_key] or "cublas"), **timings})
-            configs[b] = _CHOICES[choice_key]
+                _CHOICES[choice_key] = _choose(members, b, workspace, num_sms, reps)
+            configs[b], timings = _CHOICES[choice_key]
+            rows.append({"n": n, "k": k, "prologue": prologue, "rows": b, "layers": len(members),
+                         "choice": str(configs[b] or "cublas"), **timings})
             if configs[b] is not None:
                 workspace.reserve(n, configs[b])
         plans[key] = GemvPlan(configs, workspace)
