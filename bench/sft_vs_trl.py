@@ -118,7 +118,7 @@ def case_spec(args, shape: str, method: str, side: str, model_dir: str, corpus_d
         steps=args.steps, warmup=args.warmup, seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
         lr=args.lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, activation_checkpointing=args.activation_checkpointing,
         seed=args.seed, profile=args.profile and is_ours(side), device="cuda" if _cuda() else "cpu",
-        overrides=args.ours_variants.get(side.removeprefix("ours-"), []) if side != "ours" else [],
+        overrides=args.ours_variants[side.removeprefix("ours-")] if side.startswith("ours-") else [],
     )
 
 
