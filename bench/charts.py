@@ -186,11 +186,10 @@ def latency_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     cases = {r.get("case"): r for r in data.get("rows", []) if not r.get("error")}
-    panels = [(("prefix cache on", "prefix cache off"), (("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99")),
-               "shared system prompt: time to first token (ms)"),
-              (("chunked prefill on", "chunked prefill off"), (("tpot_mean_ms", "TPOT mean"), ("tpot_p50_ms", "TPOT p50"), ("tpot_p99_ms", "TPOT p99"),
-                                                               ("tpot_max_ms", "TPOT max")),
-               "long prompts during decode: decode gap (ms)")]
+    ttft = (("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"))
+    tpot = (("tpot_mean_ms", "TPOT mean"), ("tpot_p50_ms", "TPOT p50"), ("tpot_p99_ms", "TPOT p99"), ("tpot_max_ms", "TPOT max"))
+    panels = [(("prefix cache on", "prefix cache off"), ttft, "shared system prompt: time to first token (ms)"),
+              (("chunked prefill on", "chunked prefill off"), tpot, "long prompts during decode: decode gap (ms)")]
     panels = [p for p in panels if any(c in cases for c in p[0])]
     if not panels:
         return []

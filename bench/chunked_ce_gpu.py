@@ -11,7 +11,6 @@ beyond bf16 tolerance. On CPU there is no peak-memory counter (that column is em
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 

@@ -157,7 +157,8 @@ def stall_metrics(traces: dict[str, Trace]) -> dict[str, Any]:
     before = [b - a for t in traces.values() if t.kind == "decoder"
               for a, b in zip(t.token_times, t.token_times[1:]) if b < window_start]
     ttfts = [t.ttft for t in longs if t.ttft is not None]
-    return dict(tpot_mean_ms=ms(statistics.mean(gaps)) if gaps else None, tpot_p50_ms=ms(percentile(gaps, 50)), tpot_p99_ms=ms(percentile(gaps, 99)), tpot_max_ms=ms(max(gaps, default=None)),
+    return dict(tpot_mean_ms=ms(statistics.mean(gaps)) if gaps else None, tpot_p50_ms=ms(percentile(gaps, 50)),
+                tpot_p99_ms=ms(percentile(gaps, 99)), tpot_max_ms=ms(max(gaps, default=None)),
                 tpot_p50_before_ms=ms(percentile(before, 50)), decode_tokens_in_window=len(gaps),
                 long_ttft_mean_ms=ms(statistics.mean(ttfts)) if ttfts else None, long_ttft_p99_ms=ms(percentile(ttfts, 99)),
                 long_finished=sum(len(t.token_times) > 0 for t in longs), long_requests=len(longs))
@@ -214,7 +215,10 @@ def run_chunked_mode(model_dir: str, args, chunked: bool) -> dict[str, Any]:
     decoder_max = args.max_model_len - args.decoder_prompt - 1  # decoders outlast the window; aborted at the end
     arrivals = long_prompt_workload(args.decoders, args.decoder_prompt, decoder_max, args.long_requests, args.long_tokens,
                                     args.long_output, args.long_start, args.long_interval, args.seed + 1)
-    longs_done = lambda traces: sum(t.kind == "long" and len(t.token_times) >= args.long_output for t in traces.values()) == args.long_requests
+
+    def longs_done(traces: dict[str, Trace]) -> bool:  # then the window is over: the decoders are aborted
+        return sum(t.kind == "long" and len(t.token_times) >= args.long_output for t in traces.values()) == args.long_requests
+
     traces, seconds, steps = drive(llm.engine, arrivals, done=longs_done)
     preemptions = llm.stats()["preemptions"]
     del llm
