@@ -70,6 +70,7 @@ def parse_variants(text: str) -> dict[str, list[str]]:
     (``lora.target_modules=q_proj,v_proj,train.compile=true`` is two overrides).
     """
     variants: dict[str, list[str]] = {}
+    text = text.strip().strip("'\"")  # run_gpu.sh passes quotes inside an entry through literally
     for item in filter(None, (part.strip() for part in text.split(";"))):
         name, sep, rest = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", name) or not rest:
