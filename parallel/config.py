@@ -43,6 +43,9 @@ class ParallelConfig:
             raise ConfigError(f"parallel.offload=optimizer is DeepSpeed's (zero1/2/3); with parallel.strategy={s} use "
                               + ("parallel.offload=params (FSDP2 offloads parameters, gradients and the step together)" if s == "fsdp2"
                                  else "a sharded strategy"))
+        if self.offload != "none" and s.startswith("zero") and cfg.train.optimizer != "adamw":
+            raise ConfigError(f"parallel.offload={self.offload} with parallel.strategy={s} steps DeepSpeed's fp32 CPU Adam on the "
+                              f"host; train.optimizer={cfg.train.optimizer} cannot run there (use train.optimizer=adamw)")
         if self.offload == "params" and s not in SHARDED_PARAMS:
             raise ConfigError(f"parallel.offload=params needs sharded parameters (fsdp2 or zero3), not parallel.strategy={s}")
         if not self.reshard_after_forward and s != "fsdp2":

@@ -31,6 +31,7 @@ TAG = "zero"
 
 # DeepSpeed's own default for its gradient and all-gather buckets (elements): the cap of ours.
 DEEPSPEED_DEFAULT_BUCKET = 500_000_000
+DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000  # elements; ZeRO-3 keeps smaller parameters whole on every rank
 
 
 def deepspeed_config(cfg, world_size: int, on_gpu: bool, hf_config=None) -> dict[str, Any]:
@@ -79,7 +80,9 @@ def zero_buffer_sizes(cfg, hf_config, stage: int) -> dict[str, int]:
       last benchmark). A larger one keeps the last forward layers gathered into the backward.
     * ``stage3_max_live_parameters``: current + prefetched + reused layer.
     * ``stage3_param_persistence_threshold``: norms, biases and LoRA adapters stay gathered (tiny,
-      used in every layer: all-gathering them is pure latency).
+      used in every layer: all-gathering them is pure latency); never below DeepSpeed's 1e5 default,
+      which also keeps small packed NF4 weights whole (partitioned ones fail DeepSpeed's prefetch
+      trace check on CPU: "tracing error ... expected the next parameters").
     """
     from trainer.memory import ModelShape
 
@@ -94,7 +97,7 @@ def zero_buffer_sizes(cfg, hf_config, stage: int) -> dict[str, int]:
             "stage3_prefetch_bucket_size": layer,
             "stage3_max_reuse_distance": 2 * layer,
             "stage3_max_live_parameters": 3 * layer,
-            "stage3_param_persistence_threshold": max(10 * shape.hidden, adapter),
+            "stage3_param_persistence_threshold": max(DEEPSPEED_PERSISTENCE_THRESHOLD, 10 * shape.hidden, adapter),
         })
     return sizes
 
@@ -108,6 +111,17 @@ def resolved_deepspeed_config(cfg, world_size: int, on_gpu: bool, hf_config=None
     generated = deepspeed_config(cfg, world_size, on_gpu, hf_config)
     user = cfg.parallel.deepspeed_config
     return deep_merge(generated, load_user_config(user)) if user else generated
+
+
+def host_adam(like: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU Adam (``offload_optimizer`` steps on the host, vectorised) over the param groups and
+    hyperparameters of the optimizer the trainer built (e.g. no decay on norms), so offloading changes
+    where the step runs, not what it computes."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    d = like.defaults
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in like.param_groups]
+    return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=tuple(d["betas"]), eps=d["eps"], weight_decay=d["weight_decay"], adamw_mode=True)
 
 
 def load_user_config(path: str) -> dict[str, Any]:
@@ -136,13 +150,9 @@ class ZeroStrategy(DistributedStrategy):
         model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         config = self.ds_config(getattr(self.unwrap(model), "config", None))
+        optimizer = make_optimizer(params)
         if "offload_optimizer" in config["zero_optimization"]:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            t = self.cfg.train
-            optimizer = DeepSpeedCPUAdam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, adamw_mode=True)
-        else:
-            optimizer = make_optimizer(params)
+            optimizer = host_adam(optimizer)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params, config=config,
                                                dist_init_required=False)
         # DeepSpeed's ZeRO optimizer steps `optimizer` on its fp32 partitions, so the torch

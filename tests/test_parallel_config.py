@@ -30,6 +30,8 @@ def _validated(**tree):
     ({"parallel__strategy": "fsdp2", "parallel__deepspeed_config": "ds.json"}, "only read by zero"),
     ({"parallel__strategy": "zero2", "parallel__deepspeed_config": "/nonexistent.json"}, "does not exist"),
     ({"parallel__timeout_s": 0}, "parallel.timeout_s"),
+    # DeepSpeed's offload steps its own fp32 CPU Adam: a bitsandbytes optimizer would be silently replaced
+    ({"parallel__strategy": "zero2", "parallel__offload": "optimizer", "train__optimizer": "adamw_8bit"}, "train.optimizer=adamw_8bit cannot run"),
     # the silent QLoRA failure: packed NF4 storage of another dtype than the sharded params
     ({"parallel__strategy": "fsdp2", "quant__load_in_4bit": True, "quant__quant_storage": "uint8"}, "quant.quant_storage=fp32"),
     ({"parallel__strategy": "zero3", "quant__load_in_4bit": True, "quant__quant_storage": "bf16"}, "quant.quant_storage=fp32"),
@@ -96,6 +98,42 @@ def test_deepspeed_config_is_generated_from_ours_and_user_json_wins(tmp_path):
     merged = ZeroStrategy(cfg).ds_config()
     assert merged["gradient_clipping"] == 0.5 and merged["zero_optimization"]["reduce_bucket_size"] == 1234
     assert merged["zero_optimization"]["stage"] == 3  # untouched keys survive the merge
+
+
+def test_deepspeed_buffers_are_sized_from_the_model_layer():
+    """Buckets and ZeRO-3 prefetch follow one decoder layer (not DeepSpeed's absolute 5e8 defaults); the user's JSON still wins."""
+    pytest.importorskip("deepspeed")
+    import transformers
+
+    from parallel.zero import deepspeed_config
+
+    hf = transformers.LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                  intermediate_size=8192, vocab_size=128256)
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048  # q, o + k, v + MLP + two norms
+    z2 = deepspeed_config(_validated(parallel__strategy="zero2"), world_size=2, on_gpu=True, hf_config=hf)["zero_optimization"]
+    assert z2["reduce_bucket_size"] == z2["allgather_bucket_size"] == layer  # already a multiple of 512
+    assert z2["overlap_comm"] is True and "stage3_prefetch_bucket_size" not in z2
+    z3 = deepspeed_config(_validated(parallel__strategy="zero3", lora__enabled=True, lora__rank=16), 2, True, hf)["zero_optimization"]
+    assert z3["stage3_prefetch_bucket_size"] == layer and z3["stage3_max_reuse_distance"] == 2 * layer
+    assert z3["stage3_max_live_parameters"] == 3 * layer
+    assert z3["stage3_param_persistence_threshold"] == 16 * 8192  # the widest LoRA adapter stays gathered
+
+
+def test_zero_offload_steps_deepspeed_cpu_adam_with_the_trainers_hyperparameters():
+    """Offloading changes where the step runs, not what it computes: groups, lr, betas, eps and decay carry over."""
+    pytest.importorskip("deepspeed")
+    from parallel.zero import host_adam
+
+    w, b = torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(4))
+    built = torch.optim.AdamW([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+                              lr=3e-4, betas=(0.9, 0.95), eps=1e-6)
+    try:
+        adam = host_adam(built)
+    except Exception as e:  # the CPU-Adam extension is JIT-built; CI prebuilds it (install.sh dev)
+        pytest.skip(f"DeepSpeed CPU Adam is not available here: {e}")
+    assert [g["weight_decay"] for g in adam.param_groups] == [0.1, 0.0]
+    assert adam.param_groups[0]["params"] == [w] and adam.param_groups[1]["params"] == [b]
+    assert adam.defaults["lr"] == 3e-4 and tuple(adam.defaults["betas"]) == (0.9, 0.95) and adam.defaults["eps"] == 1e-6
 
 
 def test_fp8_skips_head_adapters_small_and_misaligned_linears():

@@ -1,5 +1,9 @@
 """Sharded strategies on 2 CPU processes (gloo) against the single-process run on the same global batch.
 
+Cases are ``strategy[+offload]:mode``: ZeRO-1/2/3, FSDP2 and DDP with full fine-tuning, LoRA and QLoRA,
+and the offload modes (``parallel.offload=params`` for fsdp2 / zero3, ``optimizer`` for ZeRO), which
+must change where state lives, not the numbers.
+
 Each case launches this file under torchrun as a worker that trains a tiny Llama with a minimal
 loop written against the Strategy interface only (the same calls the Trainer makes), checkpoints
 midway, finishes, then reloads the checkpoint into a fresh model and replays the second half.
@@ -29,14 +33,16 @@ STEPS, SAVE_AT, GLOBAL_BATCH, SEQ, GRAD_ACCUM = 4, 2, 4, 24, 2
 # --------------------------------------------------------------------------------------------
 # worker (runs under torchrun, or as one plain process for the reference)
 # --------------------------------------------------------------------------------------------
-def worker_config(model_dir: str, strategy: str, mode: str):
+def worker_config(model_dir: str, case_strategy: str, mode: str):
+    """``case_strategy`` is ``strategy`` or ``strategy+offload`` (``zero2+optimizer``, ``fsdp2+params``)."""
     from trainer.config import build_config, validate
 
+    strategy, _, offload = case_strategy.partition("+")
     tree = {
         "model": {"path": model_dir}, "device": "cpu", "precision": "fp32", "seed": 0,
         "lora": {"enabled": mode != "full", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
         "quant": {"load_in_4bit": mode == "qlora", "quant_storage": "fp32", "compute_dtype": "fp32"},
-        "parallel": {"strategy": strategy, "timeout_s": 120},
+        "parallel": {"strategy": strategy, "offload": offload or "none", "timeout_s": 120},
         "train": {"micro_batch_size": GLOBAL_BATCH // (GRAD_ACCUM * int(os.environ.get("WORLD_SIZE", 1))), "grad_accum": GRAD_ACCUM, "lr": 1e-3, "max_grad_norm": 1.0},
     }
     return validate(build_config(tree))
@@ -104,7 +110,20 @@ def run_case(model_dir: str, strategy_name: str, mode: str, out_dir: Path) -> di
     strategy.load_state(ckpt, model, opt)
     resumed = train_steps(strategy, model, opt, range(SAVE_AT, STEPS), vocab)
     strategy.barrier()
-    return {"losses": losses, "grad_norms": norms, "resumed": resumed}
+    return {"losses": losses, "grad_norms": norms, "resumed": resumed, "offloaded": offload_in_effect(model, opt)}
+
+
+def offload_in_effect(model, optimizer) -> str:
+    """What the wrapped model reports as offloaded: ``params``, ``optimizer`` or ``none``."""
+    if hasattr(model, "zero_offload_param"):  # a DeepSpeed engine
+        return "params" if model.zero_offload_param() else "optimizer" if model.zero_cpu_offload() else "none"
+    state = getattr(model, "_get_fsdp_state", None)
+    if state is not None:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        group = state()._fsdp_param_group
+        return "params" if group is not None and isinstance(group.offload_policy, CPUOffloadPolicy) else "none"
+    return "none"
 
 
 def resume_case(model_dir: str, mode: str, ckpt: Path) -> dict:
@@ -144,11 +163,28 @@ def run_worker(model_dir: str, out: str, cases: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+def hang_worker(timeout_s: str) -> None:
+    """Rank 1 stops answering after set-up; rank 0's next collective must fail after ``parallel.timeout_s``."""
+    import time
+
+    from parallel.base import build_strategy
+    from trainer.config import build_config, validate
+
+    cfg = validate(build_config({"device": "cpu", "precision": "fp32", "parallel": {"strategy": "ddp", "timeout_s": int(timeout_s)}}))
+    strategy = build_strategy(cfg)
+    strategy.setup()
+    strategy.barrier()  # both ranks are up: what follows is a hang, not a slow start
+    if strategy.rank == 1:
+        time.sleep(3600)  # stuck (a deadlock, a dead GPU): never joins the all-reduce
+    strategy.all_reduce_sum(1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # tests
 # --------------------------------------------------------------------------------------------
-CASES = [("fsdp2", "full"), ("fsdp2", "lora"), ("fsdp2", "qlora"), ("zero2", "full"), ("zero2", "lora"),
-         ("zero3", "full"), ("zero3", "lora"), ("zero3", "qlora"), ("ddp", "lora")]
+CASES = [("fsdp2", "full"), ("fsdp2", "lora"), ("fsdp2", "qlora"), ("zero1", "full"), ("zero1", "lora"), ("zero2", "full"),
+         ("zero2", "lora"), ("zero3", "full"), ("zero3", "lora"), ("zero3", "qlora"), ("ddp", "lora"),
+         ("fsdp2+params", "full"), ("zero2+optimizer", "full"), ("zero3+params", "lora")]
 
 
 def _launch(model_dir: str, out: Path, nproc: int, cases: list[tuple[str, str]]) -> None:
@@ -187,6 +223,7 @@ def test_two_ranks_match_single_process(strategy, mode, results, tiny_llama_dir)
     assert result["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-4)
     assert reference["losses"][-1] < reference["losses"][0]  # it actually trained
     assert result["resumed"] == pytest.approx(result["losses"][SAVE_AT:], rel=1e-6)
+    assert result["offloaded"] == (strategy.partition("+")[2] or "none")
     _check_export(case_dir / "export", tiny_llama_dir, mode)
 
 
@@ -194,6 +231,20 @@ def test_fsdp2_resumes_on_a_different_world_size(results):
     two_ranks, _ = results("two", "fsdp2", "lora")
     one_rank, _ = results("one", "fsdp2-resume", "lora")
     assert one_rank["resumed"] == pytest.approx(two_ranks["losses"][SAVE_AT:], rel=1e-5)
+
+
+def test_a_hung_rank_fails_after_the_timeout_naming_the_rank():
+    """Not a silent hang: the waiting rank raises within parallel.timeout_s and torchrun stops the job."""
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(Path(__file__).resolve()), "--hang", "3"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "CollectiveTimeoutError: rank 0/2: all_reduce timed out after parallel.timeout_s=3s" in proc.stderr, proc.stderr[-3000:]
+    assert elapsed < 150  # start-up (imports, rendezvous) + 3 s; rank 1 alone would sleep for an hour
 
 
 def _check_export(export: Path, base_dir: str, mode: str) -> None:
@@ -220,4 +271,7 @@ def _check_export(export: Path, base_dir: str, mode: str) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_worker(*sys.argv[1:4])
+    if sys.argv[1] == "--hang":
+        hang_worker(sys.argv[2])
+    else:
+        run_worker(*sys.argv[1:4])
