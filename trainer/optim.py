@@ -62,13 +62,24 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for master, param in zip(self.masters, self.model_params):
-            master.grad = None if param.grad is None else param.grad.float()
-        loss = super().step(closure)
+        if closure is not None:  # a closure would recompute bf16 grads after they were upcast
+            raise ValueError("MasterWeightAdamW.step does not take a closure")
+        self._upcast_grads()
+        super().step()
         torch._foreach_copy_(self.model_params, self.masters)
         for master in self.masters:
             master.grad = None  # the fp32 gradients are transient: keep only the bf16 ones between steps
-        return loss
+
+    def _upcast_grads(self) -> None:
+        """fp32 copies of the bf16 gradients as the masters' grads: one multi-tensor copy, not a cast
+        kernel per parameter (a LoRA model has hundreds of small adapters)."""
+        pairs = [(m, p.grad) for m, p in zip(self.masters, self.model_params) if p.grad is not None]
+        if not pairs:
+            return
+        upcast = [torch.empty_like(m) for m, _ in pairs]
+        torch._foreach_copy_(upcast, [g for _, g in pairs])
+        for (master, _), grad in zip(pairs, upcast):
+            master.grad = grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
