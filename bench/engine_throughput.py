@@ -1,8 +1,8 @@
 """Offline throughput of our engine vs transformers ``generate`` on nano-vllm's bench workload,
 plus the batch-1 decode step against the memory roofline, Triton GEMV on vs off.
 
-    python bench/engine_throughput.py --out $OUT/engine_throughput.json            # H100, ~6 min
-    python bench/engine_throughput.py --sections bs1 --out $OUT/bs1.json          # H100, bs1 only, ~2 min
+    python bench/engine_throughput.py --out $OUT/engine_throughput.json            # H100, ~7 min
+    python bench/engine_throughput.py --sections bs1 --out $OUT/bs1.json          # H100, bs1 only, ~3 min
     python bench/engine_throughput.py --smoke                                     # CPU, tiny: code path only
 
 Workload (per shape, same for both sides): 256 requests, random token-id prompts (ids < 10000) of
@@ -258,7 +258,7 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--hf-batch-size", type=int, default=128)
-    p.add_argument("--hf-time-limit", type=float, default=75.0, help="seconds per shape for the transformers side")
+    p.add_argument("--hf-time-limit", type=float, default=60.0, help="seconds per shape for the transformers side")
     p.add_argument("--sections", type=csv_list, default=["throughput", "hf", "bs1"],
                    help="what to run per shape: throughput (engine), hf (transformers), bs1 (decode vs roofline)")
     args = p.parse_args()
