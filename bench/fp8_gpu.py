@@ -61,7 +61,8 @@ def write_batches(path: Path, micro_batch: int, seq: int, batches: int) -> int:
     tokenizer = load_tokenizer()
     need = micro_batch * seq * batches
     docs = corpus_documents(tokenizer, num_tokens=need, max_doc_tokens=seq)
-    ids = [t for d in docs for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]][:need]
+    ids = [t for d in docs for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]]
+    ids = (ids * -(-need // len(ids)))[:need]  # the corpus may come up a few documents short: wrap around
     torch.save(torch.tensor(ids, dtype=torch.long).view(batches, micro_batch, seq), path)
     return len(tokenizer)
 

@@ -249,6 +249,9 @@ def estimate_memory(cfg, hf_config, world_size: int = 1) -> MemoryEstimate:
     if cfg.train.method in ("grpo", "distill"):
         notes.append(f"train.method={cfg.train.method}: rollout engine KV cache / teacher model are not included")
     notes.append("allocator fragmentation and the CUDA context (~0.5 GiB) are not included")
+    if step_rows:
+        notes.append("peak = the larger of forward/backward (all rows above) and the optimizer step (rows kept through it "
+                     "plus the step-only rows; activations, logits and gradient buckets are free by then)")
     backward_total = sum(b for _, b in rows)
     kept_through_step = sum(b for name, b in rows if not name.startswith(_FREED_BEFORE_STEP))
     step_total = kept_through_step + sum(b for _, b in step_rows)
