@@ -1,21 +1,25 @@
-"""GPU benchmark of multi-LoRA serving, one call (about 5 minutes on an H100):
+"""GPU benchmark of multi-LoRA serving, one call (about 4 minutes on an H100; `--budget-s` caps it):
 
-    python bench/serve_gpu.py [out=bench/serve_gpu.json] [requests=256] [input_len=128] [output_len=128]
+    python bench/serve_gpu.py --out bench_out/serve_gpu.json        # via: bash bench/run_gpu.sh "serve_gpu:420"
+    python bench/serve_gpu.py --smoke --out /tmp/serve_smoke.json   # CPU, tiny model: checks the code path
 
 1. Offline (LLMEngine directly) on a random-init Qwen3-0.6B-shaped model: output-token throughput of
    the base model (LoRA off) and of the same requests spread uniformly over 1, 8 and 32 rank-16
    adapters (all seven projections); target >= 0.75x base. Also checks the first request's greedy
-   tokens are equal in the CUDA-graph (BGMV) and eager (segment-gather) paths.
-2. Online (the HTTP server, 8 adapters + base): TTFT/TPOT p50/p99 at several Poisson request rates,
-   through bench/serve_load.py's streaming openai clients.
+   tokens are equal with CUDA-graph decode and with eager decode on the same engine.
+2. Online (launch/serve.py's server in this process, on loopback): base + 8 adapters mixed
+   uniformly, Poisson arrivals at several request rates, bench/serve_load.py's streaming ``openai``
+   clients; TTFT/TPOT p50/p99, throughput and errors per rate. Needs the server stack (fastapi,
+   uvicorn, openai, httpx): a missing package skips this half with the exact list to install.
 
 Everything is generated locally (model, tokenizer, adapters): no downloads. Prints rich tables and
-writes JSON.
+writes JSON (``--out``) after every phase, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import json
 import random
 import socket
@@ -30,25 +34,54 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
+from bench.common import bench_parser, csv_list, print_table, save_results  # noqa: E402
+
 QWEN3_06B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                  intermediate_size=3072, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
+TINY = dict(QWEN3_06B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, vocab_size=4096)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULTS = dict(out="bench/serve_gpu.json", requests=256, input_len=128, output_len=128, rank=16, rates="4,16,64",
-                online_requests=128, work="/tmp/crucible-serve-gpu")
+SERVER_PACKAGES = ["fastapi", "uvicorn", "openai", "httpx"]
+TARGET_RATIO = 0.75
 
 
-def make_model(root: Path) -> str:
-    """Random Qwen3-0.6B-shaped weights (bf16) plus a small word-level tokenizer with a chat template."""
+def parse_args(argv: list[str] | None):
+    p = bench_parser(__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=256, help="offline requests per case")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--adapter-counts", type=csv_list, default=["1", "8", "32"], help="adapters mixed uniformly per case")
+    p.add_argument("--rates", type=csv_list, default=["8", "32", "128"], help="online request rates (req/s, Poisson)")
+    p.add_argument("--online-requests", type=int, default=128, help="requests per online rate")
+    p.add_argument("--online-adapters", type=int, default=8, help="adapters served next to the base model online")
+    p.add_argument("--budget-s", type=float, default=390.0, help="skip online rates that would start after this many seconds")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.requests, args.input_len, args.output_len, args.online_requests = 8, 16, 8, 6
+        args.adapter_counts, args.rates, args.online_adapters = ["1", "2", "4"], ["4"], 2
+        args.budget_s = float("inf")  # a code-path check: every phase runs, however slow the CPU
+    args.adapter_counts = [int(n) for n in args.adapter_counts]
+    args.rates = [float(r) for r in args.rates]
+    args.workdir = args.workdir or Path("/tmp/crucible-serve-gpu" + ("-smoke" if args.smoke else ""))
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Local model and adapters
+# ------------------------------------------------------------------------------------------------
+def make_model(root: Path, shape: dict, device: str) -> str:
+    """Random weights of ``shape`` (bf16 on GPU) plus a small word-level tokenizer with a chat template."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    path = root / "qwen3-0.6b-random"
+    path = root / f"qwen3-random-{shape['hidden_size']}"
     if (path / "config.json").is_file():
         return str(path)
-    config = transformers.Qwen3Config(**QWEN3_06B, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    config = transformers.Qwen3Config(**shape, eos_token_id=2, bos_token_id=1, pad_token_id=0)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model.save_pretrained(path, safe_serialization=True)
     words = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"] + [f"w{i}" for i in range(4000)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -61,17 +94,17 @@ def make_model(root: Path) -> str:
     return str(path)
 
 
-def make_adapters(root: Path, n: int, rank: int) -> dict[str, str]:
+def make_adapters(root: Path, shape: dict, n: int, rank: int) -> dict[str, str]:
     """Random PEFT LoRA adapters written directly in PEFT's file layout (faster than building 32 PeftModels)."""
     from safetensors.torch import save_file
 
-    c, adapters = QWEN3_06B, {}
+    c, adapters = shape, {}
     q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
     shapes = {"q_proj": (c["hidden_size"], q), "k_proj": (c["hidden_size"], kv), "v_proj": (c["hidden_size"], kv),
               "o_proj": (q, c["hidden_size"]), "gate_proj": (c["hidden_size"], c["intermediate_size"]),
               "up_proj": (c["hidden_size"], c["intermediate_size"]), "down_proj": (c["intermediate_size"], c["hidden_size"])}
     for i in range(n):
-        path = root / f"adapter{i}"
+        path = root / f"adapters-{c['hidden_size']}-r{rank}" / f"adapter{i}"
         adapters[f"adapter{i}"] = str(path)
         if (path / "adapter_model.safetensors").is_file():
             continue
@@ -90,107 +123,84 @@ def make_adapters(root: Path, n: int, rank: int) -> dict[str, str]:
     return adapters
 
 
+# ------------------------------------------------------------------------------------------------
+# Offline throughput
+# ------------------------------------------------------------------------------------------------
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def offline_throughput(engine, prompts: list[list[int]], adapter_ids: list[int], output_len: int) -> tuple[float, list[int]]:
+    """Output tokens/s of greedy-generating every prompt under its adapter id; also the first request's tokens."""
     from engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     ids = [engine.add_request(p, params, adapter_id=a) for p, a in zip(prompts, adapter_ids)]
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
-    first = None
-    tokens = 0
+    first, tokens = None, 0
     while engine.has_unfinished():
         for rid in engine.step():
             out = engine.output(rid)
             if out.finished:
                 tokens += len(out.outputs[0].token_ids)
-                if rid == ids[0]:
-                    first = out.outputs[0].token_ids
-    torch.cuda.synchronize()
+                first = out.outputs[0].token_ids if rid == ids[0] else first
+    synchronize()
     return tokens / (time.perf_counter() - start), first
 
 
 def release() -> None:
-    """Return the memory of engines the caller has already ``del``-ed. (A helper taking the engine as an
-    argument cannot free it: the caller's name still holds it, and the next engine would then see
-    the old KV cache as used memory and find no room for its own.)"""
+    """Return the memory of engines the caller has already ``del``-ed (a helper taking the engine as
+    an argument cannot free it: the caller's name still holds it)."""
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def main(argv: list[str]) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
+def offline(args, model: str, adapters: dict[str, str], engine_options: dict, rows: list[dict], console) -> dict:
     from engine.llm_engine import LLMEngine
 
-    opts = dict(DEFAULTS)
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in opts:
-            raise SystemExit(f"error: unknown argument {arg!r}; options: {', '.join(DEFAULTS)}")
-        opts[key] = type(DEFAULTS[key])(value)
-    console = Console()
-    work = Path(opts["work"])
-    t0 = time.perf_counter()
-    model = make_model(work)
-    adapters = make_adapters(work, 32, opts["rank"])
-    console.print(f"model and 32 adapters ready in {time.perf_counter() - t0:.0f}s")
     rng = random.Random(0)
-    prompts = [[rng.randrange(5, 4000) for _ in range(opts["input_len"])] for _ in range(opts["requests"])]
-    common = dict(dtype="bf16", device="cuda", max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=2048)
-    results: dict = {"device": torch.cuda.get_device_name(), "options": opts, "offline": {}, "online": {}}
-
-    engine = LLMEngine(model, **common)
+    prompts = [[rng.randrange(5, 4000) for _ in range(args.input_len)] for _ in range(args.requests)]
+    engine = LLMEngine(model, **engine_options)
     offline_throughput(engine, prompts[:16], [0] * 16, 8)  # warm-up
-    base_tps, _ = offline_throughput(engine, prompts, [0] * len(prompts), opts["output_len"])
-    results["offline"]["base"] = {"output_tok_per_s": base_tps, "ratio": 1.0}
+    base_tps, _ = offline_throughput(engine, prompts, [0] * len(prompts), args.output_len)
+    rows.append({"case": "offline base", "out_tok_per_s": base_tps, "vs_base": 1.0})
+    console.print(f"base: {base_tps:,.0f} output tok/s")
     del engine
     release()
 
-    engine = LLMEngine(model, **common, enable_lora=True, max_loras=32, max_lora_rank=opts["rank"])
-    ids = [engine.runner.lora.load(name, path).adapter_id for name, path in adapters.items()]
-    offline_throughput(engine, prompts[:16], ids[:16], 8)
-    for n in (1, 8, 32):
-        assignment = [ids[i % n] for i in range(len(prompts))]
-        tps, _ = offline_throughput(engine, prompts, assignment, opts["output_len"])
-        results["offline"][f"{n} adapters"] = {"output_tok_per_s": tps, "ratio": tps / base_tps}
+    max_n = max(args.adapter_counts)
+    engine = LLMEngine(model, **engine_options, enable_lora=True, max_loras=max_n, max_lora_rank=args.rank)
+    ids = [engine.runner.lora.load(name, path).adapter_id for name, path in list(adapters.items())[:max_n]]
+    offline_throughput(engine, prompts[:16], ids[:16], 8)  # warm-up: compiles the kernel's prefill and decode tiles
+    for n in args.adapter_counts:
+        tps, _ = offline_throughput(engine, prompts, [ids[i % n] for i in range(len(prompts))], args.output_len)
+        rows.append({"case": f"offline {n} adapters", "out_tok_per_s": tps, "vs_base": tps / base_tps,
+                     "target": f">= {TARGET_RATIO}x", "met": tps / base_tps >= TARGET_RATIO})
+        console.print(f"{n} adapters: {tps:,.0f} output tok/s ({tps / base_tps:.2f}x base)")
+    # eager decode on the same engine: hiding its graphs makes every step take the eager path
     _, graphed = offline_throughput(engine, prompts[:1], ids[:1], 32)
-    del engine
+    graphs, engine.runner.graphs = engine.runner.graphs, {}
+    _, eager = offline_throughput(engine, prompts[:1], ids[:1], 32)
+    engine.runner.graphs = graphs
+    has_graphs = bool(graphs)
+    del engine, graphs
     release()
-    eager = LLMEngine(model, **common, enable_lora=True, max_loras=1, max_lora_rank=opts["rank"], enforce_eager=True)
-    eager.runner.lora.load("adapter0", adapters["adapter0"])
-    _, eager_tokens = offline_throughput(eager, prompts[:1], [1], 32)
-    results["offline"]["graph_equals_eager"] = graphed == eager_tokens
-    del eager
-    release()
-
-    table = Table(title=f"offline multi-LoRA throughput ({results['device']}, {opts['requests']} requests, "
-                        f"{opts['input_len']} in / {opts['output_len']} out, rank {opts['rank']})")
-    for col in ("setup", "output tok/s", "vs base", "target"):
-        table.add_column(col, justify="right")
-    for name, r in results["offline"].items():
-        if isinstance(r, dict):
-            table.add_row(name, f"{r['output_tok_per_s']:.0f}", f"{r['ratio']:.2f}x", "" if name == "base" else ">= 0.75x")
-    console.print(table)
-    console.print(f"greedy tokens, CUDA-graph BGMV vs eager segment-gather: {'equal' if results['offline']['graph_equals_eager'] else 'DIFFERENT'}")
-
-    try:
-        import fastapi, openai, uvicorn  # noqa: F401, E401  (the online half needs the server stack)
-    except ImportError as e:
-        console.print(f"[yellow]online benchmark skipped: {e} (pip install fastapi uvicorn openai)")
-    else:
-        results["online"] = online(model, dict(list(adapters.items())[:8]), opts, console)
-    Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts["out"]).write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {opts['out']} ({time.perf_counter() - t0:.0f}s total)")
-    return 0
+    return {"graph_equals_eager": graphed == eager if has_graphs else None}
 
 
-def online(model: str, adapters: dict[str, str], opts: dict, console) -> dict:
-    """TTFT/TPOT through the HTTP server at each request rate (base + 8 adapters, uniformly)."""
-    from rich.table import Table
+# ------------------------------------------------------------------------------------------------
+# Online: the HTTP server under streaming load
+# ------------------------------------------------------------------------------------------------
+def missing_server_packages() -> list[str]:
+    return [name for name in SERVER_PACKAGES if importlib.util.find_spec(name) is None]
 
+
+def online(args, model: str, adapters: dict[str, str], serve_overrides: list[str], rows: list[dict], console,
+           deadline: float) -> list[str]:
+    """One server (launch/serve.py's build_server, in a thread), one load run per rate; returns skipped rates."""
     import serve
     from bench.serve_load import run_load, summarize
     from trainer.config import load_config
@@ -198,31 +208,88 @@ def online(model: str, adapters: dict[str, str], opts: dict, console) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = load_config([f"model.path={model}", f"port={port}", "device=cuda", "engine.dtype=bf16", "engine.max_num_seqs=256",
-                       "engine.max_model_len=2048", "engine.max_loras=8", f"engine.max_lora_rank={opts['rank']}",
-                       "serve.max_waiting=4096", "lora.adapters=" + ",".join(f"{k}={v}" for k, v in adapters.items())])
+    cfg = load_config([f"model.path={model}", f"port={port}", "host=127.0.0.1", *serve_overrides,
+                       f"engine.max_loras={len(adapters)}", f"engine.max_lora_rank={args.rank}", "serve.max_waiting=4096",
+                       "lora.adapters=" + ",".join(f"{k}={v}" for k, v in adapters.items())])
     server = serve.build_server(cfg)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server thread exited during start-up (see the log above)")
         time.sleep(0.1)
-    out = {}
-    table = Table(title="online: HTTP server, streaming clients, base + 8 adapters")
-    for col in ("rate (req/s)", "ok", "errors", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"):
-        table.add_column(col, justify="right")
-    for rate in [float(r) for r in opts["rates"].split(",")]:
-        load = dict(api_key="unused", models="", seed=0, prompt_words=opts["input_len"], requests=opts["online_requests"],
-                    clients=opts["online_requests"], max_tokens=opts["output_len"], rate=rate)
-        results, duration = asyncio.run(run_load(f"http://127.0.0.1:{port}", load, lambda: None))
-        r = summarize(results, duration)
-        out[str(rate)] = r.__dict__
-        table.add_row(f"{rate:g}", str(r.requests - r.errors), str(r.errors), f"{r.output_tok_per_s:.0f}", f"{r.ttft_p50_ms:.1f}",
-                      f"{r.ttft_p99_ms:.1f}", f"{r.tpot_p50_ms:.2f}", f"{r.tpot_p99_ms:.2f}")
-    server.should_exit = True
-    thread.join(60)
-    console.print(table)
-    return out
+    skipped = []
+    try:
+        for rate in args.rates:
+            expected_s = args.online_requests / rate + 10
+            if time.perf_counter() + expected_s > deadline:
+                skipped.append(f"{rate:g}")
+                continue
+            load = dict(api_key="unused", models=",".join([model, *adapters]), seed=0, prompt_words=args.input_len,
+                        requests=args.online_requests, clients=args.online_requests, max_tokens=args.output_len, rate=rate,
+                        ignore_eos=True)
+            results, duration = asyncio.run(run_load(f"http://127.0.0.1:{port}", load, lambda: None))
+            r = summarize(results, duration)
+            rows.append({"case": f"online {rate:g} req/s", "requests": r.requests, "errors": r.errors,
+                         "out_tok_per_s": r.output_tok_per_s, "ttft_p50_ms": r.ttft_p50_ms, "ttft_p99_ms": r.ttft_p99_ms,
+                         "tpot_p50_ms": r.tpot_p50_ms, "tpot_p99_ms": r.tpot_p99_ms, "error_samples": r.error_samples})
+            console.print(f"rate {rate:g}: TTFT p50 {r.ttft_p50_ms:.1f} ms, TPOT p50 {r.tpot_p50_ms:.2f} ms, {r.errors} errors")
+    finally:
+        server.should_exit = True
+        thread.join(60)
+    return skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = parse_args(argv)
+    console = Console()
+    t0 = time.perf_counter()
+    deadline = t0 + args.budget_s
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        raise SystemExit("error: no CUDA device; run with --smoke on CPU")
+    shape = TINY if args.smoke else QWEN3_06B
+    device = "cuda" if cuda else "cpu"
+    model = make_model(args.workdir, shape, device)
+    adapters = make_adapters(args.workdir, shape, max(args.adapter_counts + [args.online_adapters]), args.rank)
+    console.print(f"model and {len(adapters)} adapters ready in {time.perf_counter() - t0:.0f}s")
+    dtype = "bf16" if cuda else "fp32"
+    engine_options = dict(dtype=dtype, device=device, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=2048)
+    if not cuda:
+        engine_options["num_blocks"] = 256
+    rows: list[dict] = []
+    extra = {"device": torch.cuda.get_device_name() if cuda else "cpu", "notes": []}
+
+    extra.update(offline(args, model, adapters, engine_options, rows, console))
+    save_results(args.out, "serve_gpu", args, rows, **extra)
+
+    missing = missing_server_packages()
+    if missing:
+        note = f"online half skipped: missing Python packages {', '.join(missing)} (pip install {' '.join(missing)})"
+        console.print(f"[yellow]{note}")
+        extra["notes"].append(note)
+    else:
+        serve_overrides = [f"device={device}", f"engine.dtype={dtype}", "engine.max_num_seqs=256", "engine.max_model_len=2048"]
+        serve_overrides += [] if cuda else ["engine.num_blocks=256"]
+        skipped = online(args, model, dict(list(adapters.items())[:args.online_adapters]), serve_overrides, rows, console,
+                         deadline)
+        if skipped:
+            extra["notes"].append(f"online rates {', '.join(skipped)} req/s skipped: past --budget-s={args.budget_s:.0f}")
+    extra["wall_s"] = time.perf_counter() - t0
+    save_results(args.out, "serve_gpu", args, rows, **extra)
+
+    title = (f"multi-LoRA serving ({extra['device']}, {args.requests} requests, {args.input_len} in / {args.output_len} out, "
+             f"rank {args.rank}; online: base + {args.online_adapters} adapters, {args.online_requests} requests per rate)")
+    print_table(title, rows, [("case", "case"), ("out_tok_per_s", "out tok/s"), ("vs_base", "vs base"), ("target", "target"),
+                              ("met", "met"), ("errors", "errors"), ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
+                              ("tpot_p50_ms", "TPOT p50 ms"), ("tpot_p99_ms", "TPOT p99 ms")],
+                notes=[f"greedy tokens, CUDA-graph decode vs eager decode: "
+                       f"{ {True: 'equal', False: 'DIFFERENT', None: 'n/a (no CUDA graphs)'}[extra['graph_equals_eager']] }",
+                       *extra["notes"], f"wall time {extra['wall_s']:.0f}s"])
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

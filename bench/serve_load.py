@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = dict(url="", serve="", clients=8, requests=32, max_tokens=64, rate=0.0, models="", prompt_words=32,
-                seed=0, out="", api_key="unused", startup_timeout=300.0)
+                seed=0, out="", api_key="unused", startup_timeout=300.0, ignore_eos=False)
 
 
 @dataclass
@@ -60,12 +60,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def one_request(client, model: str, prompt: str, max_tokens: int) -> Result:
+async def one_request(client, model: str, prompt: str, max_tokens: int, ignore_eos: bool = False) -> Result:
+    """One streaming completion; ``ignore_eos`` makes every request produce ``max_tokens`` (fixed work per request)."""
     start = time.perf_counter()
     first, tokens = None, 0
     try:
         stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.8,
-                                                 stream=True, stream_options={"include_usage": True})
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True} if ignore_eos else None)
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].text and first is None:
                 first = time.perf_counter()
@@ -92,7 +94,8 @@ async def run_load(url: str, opts: dict, progress) -> tuple[list[Result], float]
     async def client_task(i: int, delay: float) -> None:
         await asyncio.sleep(delay)
         async with gate:
-            results.append(await one_request(client, models[i % len(models)], prompts[i], opts["max_tokens"]))
+            results.append(await one_request(client, models[i % len(models)], prompts[i], opts["max_tokens"],
+                                             opts.get("ignore_eos", False)))
             progress()
 
     delays, t = [], 0.0
@@ -158,7 +161,12 @@ def parse(argv: list[str]) -> dict:
         key, sep, value = arg.partition("=")
         if not sep or key not in opts:
             raise SystemExit(f"error: unknown argument {arg!r}; options: {', '.join(f'{k}=' for k in DEFAULTS)}")
-        opts[key] = type(DEFAULTS[key])(value)
+        if isinstance(DEFAULTS[key], bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"error: {key}={value!r}: expected true or false")
+            opts[key] = value.lower() in ("true", "1")
+        else:
+            opts[key] = type(DEFAULTS[key])(value)
     if bool(opts["url"]) == bool(opts["serve"]):
         raise SystemExit("error: give exactly one of url=<server url> or serve=\"<launch/serve.py arguments>\"")
     return opts
