@@ -38,7 +38,8 @@ from trainer.methods import Method, Run, build_method
 from trainer.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gb, plot_losses, summary_table, training_flops_per_token
 from trainer.models import build_model, count_parameters, load_tokenizer
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.precision import autocast_context, keep_lora_inputs_in_compute_dtype, to_bf16_working_weights, uses_autocast
+from trainer.precision import (autocast_context, keep_lora_inputs_in_compute_dtype, runs_in_bf16, to_bf16_working_weights,
+                               uses_autocast)
 
 
 class TrainingError(RuntimeError):
@@ -111,10 +112,12 @@ class Trainer(Stateful):
     def _startup_line(self) -> str:
         cfg, s = self.cfg, self.strategy
         share = 100 * self.trainable_params / max(1, self.total_params)
+        precision = f"{cfg.precision} ({cfg.train.mixed_precision})" if runs_in_bf16(cfg.precision) else cfg.precision
         kind = "qlora" if cfg.quant.load_in_4bit else ("dora" if cfg.lora.use_dora else "lora") if cfg.lora.enabled else "full"
         return (f"[bold]{cfg.train.method}[/] ({kind}) {cfg.model.path}: trainable {self.trainable_params / 1e6:,.2f}M / "
-                f"{self.total_params / 1e6:,.1f}M params ({share:.2f}%) | device {self.device} | precision {cfg.precision} | "
-                f"{cfg.train.mixed_precision} | compile {cfg.train.compile} | strategy {s.name} x{s.world_size} | activation checkpointing {cfg.train.activation_checkpointing} | "
+                f"{self.total_params / 1e6:,.1f}M params ({share:.2f}%) | device {self.device} | precision {precision} | "
+                f"compile {cfg.train.compile} | strategy {s.name} x{s.world_size} | "
+                f"activation checkpointing {cfg.train.activation_checkpointing} | "
                 f"batch {cfg.train.micro_batch_size}x{cfg.train.grad_accum}x{s.world_size} of {cfg.train.seq_len} tokens")
 
     def log(self, text: str) -> None:
@@ -269,14 +272,15 @@ def _apply_model_passes(model: torch.nn.Module, cfg: Config) -> None:
 def compile_layer_forward(layer: torch.nn.Module) -> None:
     """``torch.compile`` a decoder layer's forward (idempotent).
 
-    The *forward* is compiled, not the module's ``__call__``: transformers installs output-capturing
-    forward hooks on every decoder layer that read a ``ContextVar``, which dynamo cannot trace, so
-    compiling ``__call__`` breaks the graph in every layer. After the activation-checkpointing pass
-    the forward is the checkpoint wrapper, so the checkpoint is compiled with the layer (dynamo turns
-    it into one graph whose backward recomputes inside the compiled code). Every layer has the same
-    code and shapes, so all layers share one compiled graph; packing keeps the shape fixed, so
-    ``dynamic=False`` never trades the static graph for a dynamic one (a different evaluation shape
-    adds a static graph instead).
+    The *forward* is compiled, not the module's ``__call__``, so hooks on the layer stay outside the
+    graph: FSDP2's unshard/reshard hooks (the strategy adds them after this pass) and transformers'
+    output-capturing hooks, which read a ``ContextVar`` that dynamo cannot trace (a graph break per
+    layer; SFT reads the final norm by its own hook so they are not even installed). After the
+    activation-checkpointing pass the forward is the checkpoint wrapper, so the checkpoint is
+    compiled with the layer: one graph whose backward recomputes inside compiled code. Layers share
+    code and shapes, so they share that graph (plus one for the first layer when its input needs no
+    gradient, as under LoRA). Packing fixes the shape, and ``dynamic=False`` keeps the training graph
+    static when evaluation brings another shape (that shape gets its own graph).
     """
     if getattr(layer, "_crucible_compiled", False):
         return
