@@ -75,14 +75,13 @@ def zero_buffer_sizes(cfg, hf_config, stage: int) -> dict[str, int]:
       reduction of layer k overlaps the backward of layer k-1 (capped at DeepSpeed's default).
     * ``stage3_prefetch_bucket_size``: the next whole layer is gathered while this one computes.
     * ``stage3_max_reuse_distance``: 2 layers. With activation checkpointing a layer is used by its
-      recompute and then by its backward, less than two layers apart in DeepSpeed's trace; a smaller
-      window releases the weights in between and gathers them a third time (the slow ZeRO-3 of the
-      last benchmark). A larger one keeps the last forward layers gathered into the backward.
+      recompute and then by its backward, less than two layers apart in DeepSpeed's trace, so it is
+      gathered once for both; a smaller window would gather it a third time. DeepSpeed's 1e9 default
+      also keeps the last forward layers gathered into the backward: memory the estimate would have
+      to count, for no fewer gathers.
     * ``stage3_max_live_parameters``: current + prefetched + reused layer.
     * ``stage3_param_persistence_threshold``: norms, biases and LoRA adapters stay gathered (tiny,
-      used in every layer: all-gathering them is pure latency); never below DeepSpeed's 1e5 default,
-      which also keeps small packed NF4 weights whole (partitioned ones fail DeepSpeed's prefetch
-      trace check on CPU: "tracing error ... expected the next parameters").
+      used in every layer: all-gathering them is pure latency); never below DeepSpeed's 1e5 default.
     """
     from trainer.memory import ModelShape
 
@@ -93,12 +92,12 @@ def zero_buffer_sizes(cfg, hf_config, stage: int) -> dict[str, int]:
     if stage == 3:
         widest = max(max(io) for io in shape.layer_linears().values())
         adapter = cfg.lora.rank * widest if cfg.lora.enabled else 0
-        sizes.update({
-            "stage3_prefetch_bucket_size": layer,
-            "stage3_max_reuse_distance": 2 * layer,
-            "stage3_max_live_parameters": 3 * layer,
-            "stage3_param_persistence_threshold": max(DEEPSPEED_PERSISTENCE_THRESHOLD, 10 * shape.hidden, adapter),
-        })
+        sizes["stage3_param_persistence_threshold"] = max(DEEPSPEED_PERSISTENCE_THRESHOLD, 10 * shape.hidden, adapter)
+        if not cfg.quant.load_in_4bit:
+            # a bounded prefetch window over bitsandbytes' Linear4bit fails DeepSpeed 0.19's trace check
+            # ("tracing error ... expected the next parameters"); NF4 bases keep DeepSpeed's defaults
+            sizes.update({"stage3_prefetch_bucket_size": layer, "stage3_max_reuse_distance": 2 * layer,
+                          "stage3_max_live_parameters": 3 * layer})
     return sizes
 
 
