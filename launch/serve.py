@@ -4,8 +4,10 @@
         lora.adapters=math=runs/math/final,chat=runs/chat/final
 
 ``model.path`` may also be a trainer run's adapter dir (``<output_dir>/final``): its base model
-(``base_model_name_or_path``) is served, with the adapter under the run's name. Engine options are
-``engine.*`` keys, server options ``serve.*``; ``host``/``port`` are top-level keys. Ctrl-C (or
+(``base_model_name_or_path``) is served, with the adapter under the run's name. Adapters beyond the
+``engine.max_loras`` GPU slots (e.g. added at runtime with ``POST /v1/load_lora_adapter``) wait in CPU
+memory and are swapped into the least recently used idle slot when a request names them. Engine
+options are ``engine.*`` keys, server options ``serve.*``; ``host``/``port`` are top-level keys. Ctrl-C (or
 SIGTERM) stops admitting requests, lets running ones finish for ``serve.drain_timeout_s``, then exits.
 
 Exit codes: 0 stopped, 2 config error (one line, no traceback).
@@ -69,6 +71,8 @@ def build_server(cfg: Config, console: Console | None = None):
     options["enable_lora"] = options["enable_lora"] or bool(adapters)
     options["max_loras"] = max(options["max_loras"], len(adapters))
     engine = LLMEngine(base_dir, dtype=dtype, tokenizer=cfg.model.tokenizer, device=resolve_device(cfg), **options)
+    if engine.runner.lora is not None:  # the LRU CPU cache size, where the engine config has the key
+        engine.runner.lora.max_cpu_loras = options.get("max_cpu_loras")
     try:
         app = build_app(engine, served_name, base_dir, cfg.serve.max_waiting, cfg.serve.api_key, adapters)
     except LoRAError as e:

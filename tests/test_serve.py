@@ -160,6 +160,22 @@ def test_runtime_adapter_load_and_unload(server, client, tmp_path):
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
+def test_adapters_beyond_the_slots_are_swapped_in_on_demand(server, client):
+    url, lora = server.url + "/v1", server.core.engine.runner.lora
+    extra = ["gamma", "delta", "epsilon"]  # with alpha and beta: 5 adapters for engine.max_loras=4 slots
+    for name in extra:
+        assert httpx.post(url + "/load_lora_adapter", json={"lora_name": name, "lora_path": server.adapters["alpha"]}).status_code == 200
+    assert {"alpha", "beta", *extra} <= {m.id for m in client.models.list().data}
+    assert lora.adapters["epsilon"].slot is None and len(lora.resident()) == lora.max_loras
+    prompt = [5, 300, 2048, 77]
+    expected = client.completions.create(model="alpha", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    out = client.completions.create(model="epsilon", prompt=prompt, max_tokens=8, temperature=0)  # same weights as alpha
+    assert out.choices[0].text == expected
+    assert lora.adapters["epsilon"].slot is not None and len(lora.resident()) == lora.max_loras
+    for name in extra:
+        assert httpx.post(url + "/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+
+
 async def _stream_burst(url: str, n: int, disconnect_every: int) -> list[int]:
     """n concurrent streaming requests; every ``disconnect_every``-th client hangs up after its first chunk."""
     async with httpx.AsyncClient(timeout=120) as http:
