@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from export import awq as awq_lib
 from export.gguf_export import write_gguf, write_gguf_adapter
 from export.merge import Source, merged_model, reference_model, resolve_source, save_merged
-from export.verify import Check, TransformersBackend, chat_prompts, load_backend, text_ids, verify
+from export.verify import Check, TransformersBackend, chat_prompts, engine_greedy_check, load_backend, text_ids, verify
 from trainer.config import Config, ConfigError
 
 
@@ -214,6 +214,8 @@ def run_export(cfg: Config, console: Console | None = None) -> list[Artifact]:
                 key = cfg.gguf.type if art.kind == "gguf" else art.kind
                 cand = load_backend(_verify_backend(cfg), art.path, cfg.format)
                 art.checks = verify(ref, cand, ids, prompts, key, v.greedy_tokens, baseline)
+                if art.kind == "awq" and v.backend == "auto":  # also where it is served: the engine's int4 path
+                    art.checks.append(engine_greedy_check(ref, art.path, prompts, key, v.greedy_tokens))
                 progress.advance(task)
     return artifacts
 

@@ -2,7 +2,7 @@
 
 A backend is anything with ``logits(ids [B, T]) -> [B, T, V]`` and ``greedy(prompt ids, n) -> ids``.
 ``load_backend(kind, artifact, fmt)`` builds one: ``transformers`` (our loaders turn AWQ and GGUF back
-into fp tensors, so this checks the bytes we wrote), ``engine`` (``engine.LLM``, once it lands) or
+into fp tensors, so this checks the bytes we wrote), ``engine`` (``engine.LLM``; AWQ runs on its int4 layers) or
 ``llama_cpp`` (GGUF through llama-cpp-python, the consumer most GGUF files are for).
 
 Metrics on held-out text: perplexity of both models, teacher-forced top-1 agreement, and how many
@@ -230,3 +230,11 @@ def verify(ref, cand, ids: torch.Tensor, prompts: list[list[int]], fmt_key: str,
     g = greedy_agreement(ref, cand, prompts, greedy_tokens)
     checks.append(Check(f"greedy agreement ({greedy_tokens} tok)", g, f">= {min_greedy:.0%}", g >= min_greedy))
     return checks
+
+
+def engine_greedy_check(ref, artifact: str | Path, prompts: list[list[int]], fmt_key: str, greedy_tokens: int = 16) -> Check:
+    """Greedy agreement of our engine serving ``artifact`` (AWQ: its int4 layers, not a dequantized
+    copy) with the source: the check that the file runs where it will be served."""
+    min_greedy = THRESHOLDS[fmt_key][2]
+    g = greedy_agreement(ref, EngineBackend(str(artifact)), prompts, greedy_tokens)
+    return Check(f"greedy agreement, engine ({greedy_tokens} tok)", g, f">= {min_greedy:.0%}", g >= min_greedy)

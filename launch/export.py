@@ -36,6 +36,17 @@ def summary(artifacts) -> list[Table]:
     return [table, checks] if checks.row_count else [table]
 
 
+def how_to_run(artifact) -> str:
+    """The next command for an artifact: where its consumers load it from."""
+    path = artifact.path
+    if artifact.kind == "gguf":
+        return f"llama.cpp: llama-cli -m {path}  |  python: llama_cpp.Llama(model_path={path!r})  |  ours: engine.LLM({path!r})"
+    if artifact.kind == "gguf-adapter":
+        return f"llama.cpp: llama-cli -m <base gguf> --lora {path}"
+    int4 = " (int4 weights stay packed: Triton kernel on GPU)" if artifact.kind == "awq" else ""
+    return f"engine.LLM({path!r}){int4}  |  python launch/eval.py model.path={path}  |  python launch/serve.py model.path={path}"
+
+
 def main(argv: list[str]) -> int:
     console = Console()
     try:
@@ -48,6 +59,8 @@ def main(argv: list[str]) -> int:
         return 2
     for table in summary(artifacts):
         console.print(table)
+    for a in artifacts:
+        console.print(f"[bold]run it:[/] {how_to_run(a)}", highlight=False, soft_wrap=True)
     failed = [c.metric for a in artifacts for c in a.checks if not c.passed]
     if failed:
         verdict = "exiting 1" if cfg.verify.strict else "continuing: verify.strict=false"
