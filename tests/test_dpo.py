@@ -106,14 +106,16 @@ def test_reference_options_agree(tiny_llama_dir, tmp_path):
 
 def test_preference_accuracy_rises_on_builtin_pairs(tiny_llama_dir, tmp_path):
     """arithmetic_pairs from the model's own samples (a random model: reference answers are chosen);
-    held-out preference accuracy climbs and the run ends with a curve."""
+    held-out preference accuracy, logged at step 0 before training, climbs and the run ends with a curve."""
     cfg = _cfg(tiny_llama_dir, tmp_path, "data.source=arithmetic_pairs", "data.num_samples=96", "data.val_fraction=0.25",
                "dpo.pair_samples=2", "dpo.pair_max_tokens=6", "train.micro_batch_size=8", "train.lr=3e-3", "dpo.beta=0.5",
                "train.max_steps=12")
     trainer, history = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert rows and all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in rows)
-    before, after = trainer.method.initial_val["val_accuracy"], history[-1]["val_accuracy"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and records[0] == {"step": 0, **trainer.method.initial_val}  # validated before training
+    before, after = records[0]["val_accuracy"], history[-1]["val_accuracy"]
     assert after >= before + 0.3, (before, after)
     train_acc = [r["accuracy"] for r in history if "accuracy" in r]
     assert sum(train_acc[-3:]) / 3 > sum(train_acc[:3]) / 3
