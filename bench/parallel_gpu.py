@@ -218,8 +218,9 @@ def driver(args) -> None:
     columns = [("case", "case"), ("tokens_per_s", "tokens/s"), ("peak_gib", "peak GiB"), ("reserved_gib", "reserved GiB"),
                ("estimate_gib", "estimate GiB"), ("estimate_over_peak", "est/peak"), ("memory_target_met", "within 15%"),
                ("max_loss_gap_vs_ddp", "max |loss - ddp|"), ("wall_s", "wall s")]
+    shown = [{**r, "max_loss_gap_vs_ddp": f"{r['max_loss_gap_vs_ddp']:.1e}"} if "max_loss_gap_vs_ddp" in r else r for r in rows]
     print_table(f"strategies: {'tiny (smoke)' if args.smoke else 'Llama-3.2-1B shape'}, {args.nproc} ranks, "
-                f"micro-batch {args.micro_batch} x seq {args.seq}, full activation checkpointing", rows, columns,
+                f"micro-batch {args.micro_batch} x seq {args.seq}, full activation checkpointing", shown, columns,
                 notes=[f"{r['case']}: {r['error']}" for r in rows if "error" in r])
     if args.out:
         plot(rows, Path(args.out).with_suffix(".png"))
