@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine.llm_engine import LLMEngine
-from engine.lora import LoRAError, lora_delta_grouped
+from engine.lora import LoRAError
 from engine.sampling_params import SamplingParams
 
 NUM_TOKENS = 12
