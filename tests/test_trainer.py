@@ -290,7 +290,7 @@ def test_bf16_weights_config_errors_name_the_key(tiny_llama_dir, tmp_path):
 # --- torch.compile ---------------------------------------------------------------------------------
 def test_compiled_lora_run_with_checkpointing_and_packing_matches_eager(tiny_model_factory, tmp_path):
     """train.compile=true (per layer, around the checkpoint) with LoRA + packing: eager's losses, no graph
-    break, and no graph per layer: layer 0 (whose input needs no grad under LoRA) gets one, the others share one."""
+    break, and layers share their compiled graphs instead of compiling one each."""
     from torch._dynamo.utils import counters
 
     model_dir = tiny_model_factory("llama", num_hidden_layers=3)
@@ -311,4 +311,7 @@ def test_compiled_lora_run_with_checkpointing_and_packing_matches_eager(tiny_mod
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], abs=1e-4), step
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert graphs_after_step == [2, 2]  # (the final evaluation, under no_grad, compiles its own)
+    # Graphs do not grow with depth: layer 0 (input needs no grad under LoRA) and the other layers, each
+    # with and without a packed-document mask (a row holding one document needs none). One graph per
+    # layer would be 6 here. (The final evaluation, under no_grad, compiles its own.)
+    assert graphs_after_step[-1] <= 4, graphs_after_step
