@@ -23,6 +23,9 @@ if [ "${1:-}" = "dev" ]; then
   # DeepSpeed JIT-compiles its CPU communication op on first use (1-2 min); build it once here, not inside a test.
   python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" \
     || echo "warning: DeepSpeed's CPU comm op did not build; ZeRO on CPU will try again at run time"
+  # ... and its CPU Adam (parallel.offload=optimizer|params), same reason.
+  python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
+    || echo "warning: DeepSpeed's CPU Adam did not build; ZeRO offload will try again at run time"
   python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF" python -m pip install "${torch_pin[@]}" llama-cpp-python
 fi
 echo "crucible installed: $(python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
