@@ -26,6 +26,7 @@ class EngineConfig:
     enable_lora: bool = False  # serve unmerged LoRA adapters (engine/lora.py); serve turns it on when lora.adapters is set
     max_loras: int = 4  # adapter slots resident at once (base model excluded)
     max_lora_rank: int = 16  # largest adapter rank a slot holds; smaller ranks are zero-padded
+    max_cpu_loras: int | None = None  # adapters kept loaded in CPU memory (LRU) beyond the slots; None = every registered one
 
     def check(self, cfg) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
@@ -39,6 +40,9 @@ class EngineConfig:
             raise ConfigError(f"engine.attention_backend={self.attention_backend!r} is not allowed; choose one of: auto, torch, triton")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"engine.max_model_len must be > 0 (got {self.max_model_len})")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ConfigError(f"engine.max_cpu_loras={self.max_cpu_loras} must be >= engine.max_loras={self.max_loras} "
+                              "(every adapter in a GPU slot also has its CPU copy)")
 
 
 @dataclass
@@ -56,9 +60,6 @@ class ServeConfig:
             raise ConfigError(f"serve.drain_timeout_s must be >= 0 (got {self.drain_timeout_s})")
         if cfg is None:
             return
-        adapters = cfg.lora.adapters
-        if len(adapters) > cfg.engine.max_loras:
-            raise ConfigError(f"lora.adapters lists {len(adapters)} adapters but engine.max_loras={cfg.engine.max_loras}; "
-                              "raise engine.max_loras")
+        adapters = cfg.lora.adapters  # more than engine.max_loras is fine: the rest wait in CPU memory (LRU)
         if self.served_model_name is not None and self.served_model_name in adapters:
             raise ConfigError(f"lora.adapters: adapter name {self.served_model_name!r} is serve.served_model_name (the base model)")

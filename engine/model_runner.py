@@ -51,7 +51,7 @@ class ModelRunner:
         if device.type == "cuda" and config.gemv:
             self._plan_gemv()
         # adapter slots exist before the KV budget is measured and before graphs capture the LoRA kernels
-        self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
+        self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras) if config.enable_lora else None
         self.num_blocks = config.num_blocks if device.type != "cuda" else self._gpu_num_blocks()
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self._allocate_kv_cache()

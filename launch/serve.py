@@ -69,10 +69,7 @@ def build_server(cfg: Config, console: Console | None = None):
     options = dataclasses.asdict(cfg.engine)
     dtype = options.pop("dtype")
     options["enable_lora"] = options["enable_lora"] or bool(adapters)
-    options["max_loras"] = max(options["max_loras"], len(adapters))
     engine = LLMEngine(base_dir, dtype=dtype, tokenizer=cfg.model.tokenizer, device=resolve_device(cfg), **options)
-    if engine.runner.lora is not None:  # the LRU CPU cache size, where the engine config has the key
-        engine.runner.lora.max_cpu_loras = options.get("max_cpu_loras")
     try:
         app = build_app(engine, served_name, base_dir, cfg.serve.max_waiting, cfg.serve.api_key, adapters)
     except LoRAError as e:
