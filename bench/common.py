@@ -287,12 +287,14 @@ def real_tokens(batch: dict[str, Any]) -> int:
 
     The loader pads a row at its end as one extra "document" (position ids restart there) whose
     labels are all ignored; a real document always has a trained label (it is at least 2 tokens).
+    Preference/rollout batches (DPO, GRPO) carry no labels: their padding has ``doc_index < 0``.
     """
+    trained = batch["labels"] != -100 if "labels" in batch else batch["doc_index"] >= 0
     n = 0
-    for pos, lab in zip(batch["position_ids"], batch["labels"]):
+    for pos, keep in zip(batch["position_ids"], trained):
         starts = (pos == 0).nonzero().flatten()
         last = int(starts[-1]) if len(starts) else 0
-        n += last if last > 0 and bool((lab[last:] == -100).all()) else len(pos)
+        n += last if last > 0 and not bool(keep[last:].any()) else len(pos)
     return n
 
 
