@@ -147,7 +147,8 @@ class DPOMethod(Method):
             for start in tqdm(range(0, len(pairs), step), desc=f"reference log-probs ({split})", disable=not run.strategy.is_main):
                 idx = list(range(start, min(start + step, len(pairs))))
                 batch = {k: v.to(self.device) for k, v in self._collate(pairs, idx, None).items()}
-                lp = ref.token_logprobs(batch) if ref is not None else _eval_logprobs(policy, batch)
+                with run.autocast():  # the numerics the training step compares against
+                    lp = ref.token_logprobs(batch) if ref is not None else _eval_logprobs(policy, batch)
                 values[start: start + len(idx)] = sum_by_document(lp, batch["doc_index"], 2 * len(idx)).view(-1, 2).float().cpu()
             out[split] = values
         path.parent.mkdir(parents=True, exist_ok=True)

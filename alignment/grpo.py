@@ -129,7 +129,8 @@ class GRPOMethod(Method):
 
         # the engine must be sampling from the policy we are about to train
         check = samples[: g.parity_samples]
-        diff = logprob_diff(self.run.unwrapped, [(p, c.token_ids, [lp[t] for lp, t in zip(c.logprobs, c.token_ids)]) for p, c in check])
+        with self.run.autocast():  # the trainer's numerics, as in the training step
+            diff = logprob_diff(self.run.unwrapped, [(p, c.token_ids, [lp[t] for lp, t in zip(c.logprobs, c.token_ids)]) for p, c in check])
         check_parity(diff, g.max_logprob_diff, self.rollout.syncs)
 
         rows = [row for _, row in prompts for _ in range(g.group_size)]
@@ -173,7 +174,8 @@ class GRPOMethod(Method):
             parts = []
             for s in range(0, batch["input_ids"].shape[0], mbs):
                 part = {k: batch[k][s: s + mbs].to(self.device) for k in ("input_ids", "position_ids", "doc_index")}
-                parts.append(fn(part).cpu())
+                with self.run.autocast():
+                    parts.append(fn(part).cpu())
             return torch.cat(parts)
         finally:
             model.train(was_training)

@@ -116,9 +116,14 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---------------------------------------------------------------- the step
-    @torch.inference_mode()
     def step(self) -> list[str]:
         """Run one scheduled forward; returns the ids of requests that changed."""
+        # The engine's numerics are its own dtype's: a caller's autocast (the trainer's, during GRPO or
+        # distillation evaluation) must not recast its matmuls or its KV writes.
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+            return self._step()
+
+    def _step(self) -> list[str]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("the scheduler could not schedule any sequence (KV cache too small for the waiting prompt)")

@@ -95,3 +95,17 @@ def test_qlora_engine_receives_the_dequantized_merged_weights(tiny_llama_dir, tm
     out = rollout.generate([[1, 2, 3, 4, 5, 6]], SamplingParams(n=2, max_tokens=5, logprobs=0, ignore_eos=True))[0]
     samples = [(out.prompt_token_ids, c.token_ids, [lp[t] for lp, t in zip(c.logprobs, c.token_ids)]) for c in out.outputs]
     assert logprob_diff(model, samples) < 1e-3
+
+
+def test_bf16_run_scores_rollouts_under_the_training_autocast(tiny_llama_dir, tmp_path):
+    """precision=bf16 stores the frozen base in bf16 next to fp32 adapters: the parity check and the
+    old-log-prob scoring run outside the training step and must use its autocast (they crashed with
+    'mat1 and mat2 must have the same dtype' on the first GPU run)."""
+    cfg = _cfg(tiny_llama_dir, tmp_path, "precision=bf16", "train.max_steps=1", "grpo.updates_per_batch=2", "train.grad_accum=1",
+               "grpo.max_logprob_diff=0.5", "grpo.rewards=tests.test_grpo:first_token_div4=1.0")
+    trainer = _trainer(cfg)
+    history = trainer.train()
+    steps = [r for r in history if "loss" in r]
+    assert steps and torch.isfinite(torch.tensor(steps[-1]["loss"]))
+    assert steps[-1]["logprob_diff"] < 0.5  # bf16 trainer vs fp32 CPU engine: close, not equal
+    assert any("eval_accuracy" in r for r in history)  # evaluation ran the engine inside the trainer's autocast

@@ -43,6 +43,13 @@ class Run:
     def unwrapped(self) -> torch.nn.Module:
         return self.strategy.unwrap(self.model)
 
+    def autocast(self):
+        """The training step's autocast: forwards a method runs itself (scoring rollouts, references)
+        must see the same numerics, and bf16 bases with fp32 adapters only multiply under it."""
+        from trainer.precision import autocast_context
+
+        return autocast_context(self.device, self.cfg.precision, self.cfg.train.mixed_precision)
+
 
 class Method:
     """Base class: override ``setup``, ``next_batch``, ``normalizer`` and ``loss``; the rest is optional."""
