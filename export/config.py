@@ -38,8 +38,14 @@ class AWQConfig:
     calib_samples: int = 32  # calibration sequences
     calib_seq_len: int = 512
     search_tokens: int = 2048  # tokens scored per alpha candidate (statistics use all calibration tokens)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where calibration runs; auto = cuda when present (the saved files are the same)
 
     def check(self, cfg) -> None:
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("awq.device=cuda but no CUDA device is visible; use awq.device=auto or cpu")
         if self.group_size not in (32, 64, 128, 256):
             raise ConfigError(f"awq.group_size={self.group_size} must be one of 32, 64, 128, 256")
         for key in ("n_grid", "calib_samples", "calib_seq_len", "search_tokens"):

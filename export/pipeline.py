@@ -122,9 +122,12 @@ def export_awq(cfg: Config, src: Source, model, tokenizer, final: Path, progress
     note = f"w4 g{group} zero-point" + (f" (g{a.group_size} does not divide hidden {model.config.hidden_size})" if group != a.group_size else "")
     calib = text_ids(tokenizer, a.calib_data, a.calib_samples, a.calib_seq_len)
     t0 = time.time()
-    quantized = copy.deepcopy(model)
-    task = progress.add_task(f"AWQ calibration ({a.calib_samples}x{a.calib_seq_len} tokens)", total=len(model.model.layers))
-    packed = awq_lib.quantize_model(quantized, calib, group, a.n_grid, a.clip, a.search_tokens, progress=lambda i: progress.advance(task))
+    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
+    quantized = copy.deepcopy(model).to(device)  # fp32 copy: the scale/clip searches are many small forwards
+    task = progress.add_task(f"AWQ calibration ({a.calib_samples}x{a.calib_seq_len} tokens, {device.type})", total=len(model.model.layers))
+    packed = awq_lib.quantize_model(quantized, calib.to(device), group, a.n_grid, a.clip, a.search_tokens,
+                                    progress=lambda i: progress.advance(task))
+    quantized, packed = quantized.cpu(), {name: {k: t.cpu() for k, t in p.items()} for name, p in packed.items()}
     with atomic_output(final, True, cfg.export.overwrite) as tmp:
         awq_lib.save_awq(quantized, packed, group, tmp)
         tokenizer.save_pretrained(tmp)
