@@ -56,7 +56,7 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     """int [rows, cols] (0..15) -> int32 [rows, cols/8], nibble i holding column AWQ_ORDER[i] of each 8."""
     rows, cols = values.shape
     v = values.to(torch.int32).reshape(rows, cols // 8, 8)[..., AWQ_ORDER]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=values.device)
     # bitwise OR of disjoint nibbles == their sum; int64 avoids overflow before the int32 wrap
     packed = (v.to(torch.int64) << shifts.to(torch.int64)).sum(-1)
     return (packed - ((packed >> 31) << 32)).to(torch.int32)  # two's-complement view of the top bit
@@ -209,7 +209,7 @@ def _search_clip(w: torch.Tensor, x: torch.Tensor, group: int, n_grid: int = 20,
         wg = w_rows.reshape(w_rows.shape[0], 1, -1, group)  # [rows, 1, groups, g]
         reference = (xg * wg).sum(-1)  # [rows, tokens, groups]
         org_max = wg.abs().amax(-1, keepdim=True)
-        best_err = torch.full(org_max.shape, float("inf"))
+        best_err = torch.full(org_max.shape, float("inf"), device=org_max.device)
         best_max = org_max.clone()
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)
