@@ -444,6 +444,42 @@ def worker_result_path(workdir: Path, name: str) -> Path:
     return Path(workdir) / "results" / f"{name}.json"
 
 
+# A head-to-head bench runs each side (ours, trl, ...) as `script --worker SIDE --spec spec.json` in a
+# fresh process; these three helpers are that protocol, shared by the scripts that use it.
+def add_side_arguments(parser: argparse.ArgumentParser, sides: tuple[str, ...], default_timeout: int) -> None:
+    parser.add_argument("--side-timeout", type=int, default=None,
+                        help=f"seconds each side may take, model load included (default: {default_timeout}; 1200 with --smoke on a shared CPU)")
+    parser.add_argument("--sides", type=csv_list, default=list(sides), help=f"which of {','.join(sides)} to run")
+    parser.add_argument("--worker", choices=sides, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    parser.set_defaults(_sides=sides, _default_timeout=default_timeout)
+
+
+def check_sides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if unknown := set(args.sides) - set(args._sides):
+        parser.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))}; choose from {', '.join(args._sides)}")
+
+
+def run_as_worker(args: argparse.Namespace, workers: dict[str, Any]) -> bool:
+    """In a side's own process: run it and write its result; False in the driver process."""
+    if not args.worker:
+        return False
+    spec = json.loads(args.spec.read_text())
+    result = workers[args.worker](spec)
+    worker_result_path(Path(spec["workdir"]), args.worker).write_text(json.dumps(result))
+    return True
+
+
+def run_sides(script: str, args: argparse.Namespace, workdir: Path, spec: dict[str, Any]):
+    """Driver: yield (side, result) for each of ``args.sides``, each run by ``script`` in its own process."""
+    spec_path = Path(workdir) / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    timeout = args.side_timeout or (1200 if args.smoke else args._default_timeout)
+    for side in args.sides:
+        cmd = [sys.executable, script, "--worker", side, "--spec", str(spec_path)]
+        yield side, run_worker(cmd, worker_result_path(workdir, side), timeout=timeout, label=side)
+
+
 def run_worker(cmd: list[str], result_path: Path, timeout: float | None = None, label: str = "") -> dict[str, Any]:
     """Run one measured side in a fresh process (clean CUDA context, clean peak-memory counter).
 

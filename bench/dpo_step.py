@@ -79,18 +79,10 @@ def main() -> None:
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--side-timeout", type=int, default=None,
-                        help="seconds each side may take, model load included (default: 200; 1200 with --smoke on a shared CPU)")
-    parser.add_argument("--sides", type=common.csv_list, default=list(SIDES), help=f"which of {','.join(SIDES)} to run")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    common.add_side_arguments(parser, SIDES, default_timeout=200)
     args = parser.parse_args()
-    if unknown := set(args.sides) - set(SIDES):
-        parser.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))}; choose from {', '.join(SIDES)}")
-    if args.worker:
-        spec = json.loads(args.spec.read_text())
-        result = {"ours": ours, "trl": trl}[args.worker](spec)
-        common.worker_result_path(Path(spec["workdir"]), args.worker).write_text(json.dumps(result))
+    common.check_sides(parser, args)
+    if common.run_as_worker(args, {"ours": ours, "trl": trl}):
         return
     if args.smoke:
         args.shape, args.pairs, args.completion_tokens, args.seq_len, args.warmup, args.steps = "tiny", 4, 16, 128, 1, 1
@@ -103,11 +95,8 @@ def main() -> None:
     spec = {"model_dir": common.build_model_dir(args.shape, workdir / "model"), "workdir": str(workdir), "data": str(data),
             "device": "cuda" if torch.cuda.is_available() else "cpu", "packing": args.packing,
             **{k: getattr(args, k) for k in ("pairs", "seq_len", "warmup", "steps")}}
-    (workdir / "spec.json").write_text(json.dumps(spec))
     rows = []
-    for side in args.sides:
-        cmd = [sys.executable, __file__, "--worker", side, "--spec", str(workdir / "spec.json")]
-        res = common.run_worker(cmd, common.worker_result_path(workdir, side), timeout=args.side_timeout or (1200 if args.smoke else 200), label=side)
+    for side, res in common.run_sides(__file__, args, workdir, spec):
         measured = res.get("times", [])[args.warmup:]
         step = statistics.median(measured) if measured else None
         rows.append({"side": side, "step_s": step, "pairs_per_s": args.pairs / step if step else None, "peak_gib": res.get("peak_gib"),

@@ -11,8 +11,6 @@ optimizer step, so rollout time is inside it on both sides. Each side runs in it
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -91,18 +89,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="measured steps (both sides): a TRL step with model.generate takes ~50 s")
     parser.add_argument("--kv-fraction", type=float, default=0.05,
                         help="grpo.rollout_kv_fraction: our engine's KV cache cap, as a share of total GPU memory")
-    parser.add_argument("--side-timeout", type=int, default=None,
-                        help="seconds each side may take, model load included (default: 300; 1200 with --smoke on a shared CPU)")
-    parser.add_argument("--sides", type=common.csv_list, default=list(SIDES), help=f"which of {','.join(SIDES)} to run")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    common.add_side_arguments(parser, SIDES, default_timeout=300)
     args = parser.parse_args()
-    if unknown := set(args.sides) - set(SIDES):
-        parser.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))}; choose from {', '.join(SIDES)}")
-    if args.worker:  # one side, in its own process
-        spec = json.loads(args.spec.read_text())
-        result = {"ours": ours, "trl": trl}[args.worker](spec)
-        common.worker_result_path(Path(spec["workdir"]), args.worker).write_text(json.dumps(result))
+    common.check_sides(parser, args)
+    if common.run_as_worker(args, {"ours": ours, "trl": trl}):  # one side, in its own process
         return
     if args.smoke:
         args.shape, args.prompts, args.group, args.max_tokens, args.micro_batch, args.warmup, args.steps = "tiny", 2, 4, 8, 8, 1, 1
@@ -112,11 +102,8 @@ def main() -> None:
     spec = {"model_dir": common.build_model_dir(args.shape, workdir / "model"), "workdir": str(workdir),
             "device": "cuda" if torch.cuda.is_available() else "cpu", **{k: getattr(args, k) for k in
             ("prompts", "group", "max_tokens", "micro_batch", "warmup", "steps", "kv_fraction")}}
-    (workdir / "spec.json").write_text(json.dumps(spec))
     rows = []
-    for side in args.sides:
-        cmd = [sys.executable, __file__, "--worker", side, "--spec", str(workdir / "spec.json")]
-        res = common.run_worker(cmd, common.worker_result_path(workdir, side), timeout=args.side_timeout or (1200 if args.smoke else 300), label=side)
+    for side, res in common.run_sides(__file__, args, workdir, spec):
         measured = res.get("times", [])[args.warmup:]
         step = statistics.median(measured) if measured else None
         rows.append({"side": side, "step_s": step, "steps_measured": len(measured), "peak_gib": res.get("peak_gib"),
