@@ -204,10 +204,16 @@ def _search_clip(w: torch.Tensor, x: torch.Tensor, group: int, n_grid: int = 20,
     x = x.reshape(-1, x.shape[-1]).float()
     x = x[:: max(1, x.shape[0] // n_tokens)][:n_tokens]
     xg = x.reshape(1, x.shape[0], -1, group)  # [1, tokens, groups, g]
+
+    def group_dots(wg: torch.Tensor) -> torch.Tensor:
+        # [rows, tokens, groups]: per-group partial dot products as one batched matmul over groups,
+        # never the [rows, tokens, groups, g] broadcast (hundreds of MB per candidate on CPU)
+        return torch.einsum("tgk,rgk->rtg", xg[0], wg[:, 0])
+
     out = []
     for w_rows in w.float().split(rows_per_batch, 0):
         wg = w_rows.reshape(w_rows.shape[0], 1, -1, group)  # [rows, 1, groups, g]
-        reference = (xg * wg).sum(-1)  # [rows, tokens, groups]
+        reference = group_dots(wg)
         org_max = wg.abs().amax(-1, keepdim=True)
         best_err = torch.full(org_max.shape, float("inf"), device=org_max.device)
         best_max = org_max.clone()
@@ -215,7 +221,7 @@ def _search_clip(w: torch.Tensor, x: torch.Tensor, group: int, n_grid: int = 20,
             max_val = org_max * (1 - i / n_grid)
             clipped = wg.clamp(-max_val, max_val)
             q = fake_quantize(clipped.reshape(w_rows.shape[0], -1), group).reshape(wg.shape)
-            err = ((xg * q).sum(-1) - reference).pow(2).mean(1, keepdim=True)[..., None]
+            err = (group_dots(q) - reference).pow(2).mean(1, keepdim=True)[..., None]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better, max_val, best_max)
