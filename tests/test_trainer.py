@@ -51,6 +51,22 @@ class _Interrupted(Exception):
     pass
 
 
+def _resumed_after_crash(monkeypatch, cfg, crash_at_step: int) -> Trainer:
+    """Train ``cfg`` until a crash at ``crash_at_step``, then the Trainer that ``resume=auto`` builds in the same dir."""
+    original = Trainer.train_step
+
+    def crash(self):
+        if self.step == crash_at_step:
+            raise _Interrupted
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    with pytest.raises(_Interrupted):
+        Trainer(cfg).train()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    return Trainer(cfg)
+
+
 def test_resume_is_exact(tiny_llama_dir, tmp_path, monkeypatch):
     """20 steps straight == 10 steps, stop, resume=auto, 10 more: identical losses and final LoRA weights."""
     common = ["train.max_steps=20", "checkpoint.every_n_steps=10", "eval.every_n_steps=10", "eval.max_batches=1",
@@ -58,19 +74,8 @@ def test_resume_is_exact(tiny_llama_dir, tmp_path, monkeypatch):
     straight = Trainer(tiny_cfg(tiny_llama_dir, tmp_path / "straight", *common))
     expected = straight.train()
 
-    original = Trainer.train_step
-
-    def stop_after_10(self):
-        if self.step == 10:
-            raise _Interrupted
-        return original(self)
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(Trainer, "train_step", stop_after_10)
-    with pytest.raises(_Interrupted):
-        Trainer(tiny_cfg(tiny_llama_dir, out, *common)).train()
-    monkeypatch.setattr(Trainer, "train_step", original)
-    resumed = Trainer(tiny_cfg(tiny_llama_dir, out, *common))
+    resumed = _resumed_after_crash(monkeypatch, tiny_cfg(tiny_llama_dir, out, *common), crash_at_step=10)
     history = resumed.train()
 
     assert resumed.step == 20
@@ -240,19 +245,7 @@ def test_bf16_weights_lora_resume_is_exact(tiny_llama_dir, tmp_path, monkeypatch
               "train.micro_batch_size=2", "resume=auto"]
     straight = Trainer(tiny_cfg(tiny_llama_dir, tmp_path / "straight", *common))
     expected = losses(straight.train())
-    original = Trainer.train_step
-
-    def stop_after_3(self):
-        if self.step == 3:
-            raise _Interrupted
-        return original(self)
-
-    out = tmp_path / "resumed"
-    monkeypatch.setattr(Trainer, "train_step", stop_after_3)
-    with pytest.raises(_Interrupted):
-        Trainer(tiny_cfg(tiny_llama_dir, out, *common)).train()
-    monkeypatch.setattr(Trainer, "train_step", original)
-    resumed = Trainer(tiny_cfg(tiny_llama_dir, out, *common))
+    resumed = _resumed_after_crash(monkeypatch, tiny_cfg(tiny_llama_dir, tmp_path / "resumed", *common), crash_at_step=3)
     assert losses(resumed.train()) == expected
     for a, b in zip(straight.optimizer.masters, resumed.optimizer.masters):
         assert torch.equal(a, b)
