@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.data.packing import pack_bfd
 from trainer.losses import Head
-from trainer.sft import final_hidden_states
+from trainer.sft import final_hidden_states, output_head
 
 DEFAULT_CHUNK = 1024  # tokens per LM-head chunk when the caller has no train.loss_chunk_size at hand
 
@@ -108,12 +108,6 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head, tem
         with torch.no_grad():
             entropy = log_z - (logits.softmax(-1) * logits).sum(-1)
     return logp, entropy
-
-
-def output_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The LM head module of a possibly wrapped model (called as a module so sharded strategies gather it)."""
-    inner = getattr(model, "module", model)  # DDP / DeepSpeed keep the model under .module
-    return inner.get_output_embeddings()
 
 
 def _scored_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:

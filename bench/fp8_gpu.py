@@ -75,7 +75,8 @@ def run_recipe(cfg, batches, steps: int) -> dict:
 
     from parallel.base import build_strategy
     from trainer.models import build_model
-    from trainer.trainer import _apply_model_passes, autocast_context
+    from trainer.precision import autocast_context
+    from trainer.trainer import _apply_model_passes
 
     strategy = build_strategy(cfg)
     strategy.setup()

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from distill.losses import KDSpec, TeacherSide, chunked_kd_loss
-from distill.teacher import (TopKCache, build_topk_cache, final_hidden_states, load_teacher, output_head,
-                             trained_positions)
+from distill.teacher import TopKCache, build_topk_cache, load_teacher, trained_positions
 from trainer.config import ConfigError
 from trainer.methods import LossOutput, Method, Run
+from trainer.sft import final_hidden_states, output_head
 
 
 class DistillMethod(Method):
@@ -35,7 +35,7 @@ class DistillMethod(Method):
         super().__init__(cfg)
         d = cfg.distill
         self.spec = KDSpec(d.loss, d.temperature, d.jsd_beta)
-        self.teacher = self.teacher_unwrapped = self.cache = self.llm = None
+        self.teacher = self.cache = self.llm = None
         self.rng = random.Random(f"distill-{cfg.seed}")
 
     # ------------------------------------------------------------------------------------------
@@ -59,7 +59,6 @@ class DistillMethod(Method):
             self.teacher = load_teacher(cfg, run.device)
             if d.teacher_sharded:
                 self.teacher, _ = strategy.wrap(self.teacher, lambda params: None)
-            self.teacher_unwrapped = strategy.unwrap(self.teacher)
         elif d.teacher_logits == "offline":
             self.cache = self._load_or_build_cache(run)
         if d.on_policy_ratio > 0:
@@ -169,8 +168,8 @@ class DistillMethod(Method):
         or its cached top-k log-probs; None for data-based distillation."""
         if self.teacher is not None:
             with torch.no_grad():
-                hidden = final_hidden_states(self.teacher, self.teacher_unwrapped, batch)[:, :-1][mask]
-            return TeacherSide(hidden=hidden, head=output_head(self.teacher_unwrapped))
+                hidden = final_hidden_states(self.teacher, batch)[:, :-1][mask]
+            return TeacherSide(hidden=hidden, head=output_head(self.teacher))
         if self.cache is not None:
             ids, logp = self.cache.lookup({k: v.cpu() for k, v in batch.items()})
             device = batch["input_ids"].device
@@ -184,7 +183,7 @@ class DistillMethod(Method):
         d = self.cfg.distill
         mask, targets = trained_positions(batch)
         teacher = self._teacher_side(batch, mask)  # first: its forward's temporaries never meet the student's saved activations
-        hidden = final_hidden_states(model, self.run.unwrapped, batch)[:, :-1][mask]
+        hidden = final_hidden_states(model, batch)[:, :-1][mask]
         on_policy = bool(batch.get("on_policy", 0))
         ce_mask = torch.full_like(targets, not on_policy, dtype=torch.bool)
         loss_sum, parts = chunked_kd_loss(hidden, output_head(self.run.unwrapped), targets, teacher, self.spec,
@@ -258,7 +257,7 @@ class DistillMethod(Method):
         from distill.evaluate import compare, plot_training
         from trainer.models import resolve_model_path
 
-        self.teacher = self.teacher_unwrapped = self.llm = None  # free memory for the evaluation engines
+        self.teacher = self.llm = None  # free memory for the evaluation engines
         plot_training(history, run.output_dir / "distill_curves.png")
         if not self.cfg.distill.evaluate:
             return

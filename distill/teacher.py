@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from trainer.config import ConfigError
+from trainer.sft import final_hidden_states, output_head
 
 IGNORE = -100
 
@@ -26,26 +27,6 @@ IGNORE = -100
 # --------------------------------------------------------------------------------------------
 # Hidden states and trained positions
 # --------------------------------------------------------------------------------------------
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def final_hidden_states(model: torch.nn.Module, unwrapped: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B, T, H] output of the final norm, read by a hook while ``model`` (the wrapped module, so
-    DDP/FSDP hooks run) computes logits for one position only."""
-    captured: list[torch.Tensor] = []
-    handle = _base(unwrapped).get_decoder().norm.register_forward_hook(lambda mod, args, out: captured.append(out))
-    try:
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return captured[-1]
-
-
-def output_head(model: torch.nn.Module) -> torch.nn.Module:
-    return _base(model).get_output_embeddings()
-
-
 def trained_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [B, T-1], targets [N]): positions t whose next token t+1 is trained, and those tokens.
 
@@ -155,7 +136,7 @@ def build_topk_cache(teacher: torch.nn.Module, examples: Sequence, k: int, devic
             end += 1
         group = order[start:end]
         batch = {k_: v.to(device) for k_, v in collate([[examples[i]] for i in group]).items()}
-        hidden = final_hidden_states(teacher, teacher, batch)[:, :-1]
+        hidden = final_hidden_states(teacher, batch)[:, :-1]
         mask, _ = trained_positions(batch)
         head = output_head(teacher)
         for row, i in enumerate(group):

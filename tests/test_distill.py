@@ -85,13 +85,14 @@ def test_training_steps_lower_the_kd_loss_and_validation_reports_it(tmp_path, te
 def test_online_teacher_runs_without_grad_and_no_head_sees_more_than_a_chunk(tmp_path, teacher_dir):
     chunk = 4
     method, run = _setup(_cfg(tmp_path, teacher_dir, f"distill.chunk_size={chunk}"))
+    teacher = run.strategy.unwrap(method.teacher)
     head_rows = {"teacher": [], "student": []}
     grad_in_teacher = []
     hooks = [
-        method.teacher_unwrapped.get_output_embeddings().register_forward_hook(
+        teacher.get_output_embeddings().register_forward_hook(
             lambda mod, args, out: head_rows["teacher"].append(args[0].shape[:-1].numel())),
         run.unwrapped.get_output_embeddings().register_forward_hook(lambda mod, args, out: head_rows["student"].append(args[0].shape[:-1].numel())),
-        method.teacher_unwrapped.get_decoder().register_forward_hook(lambda mod, args, out: grad_in_teacher.append(torch.is_grad_enabled())),
+        teacher.get_decoder().register_forward_hook(lambda mod, args, out: grad_in_teacher.append(torch.is_grad_enabled())),
     ]
     batch = method.next_batch()
     n = method.normalizer(batch)
@@ -106,7 +107,7 @@ def test_online_teacher_runs_without_grad_and_no_head_sees_more_than_a_chunk(tmp
     rows = batch["input_ids"].shape[0]
     assert head_rows["teacher"][0] == rows and sum(head_rows["teacher"][1:]) == 2 * n
     assert max(head_rows["teacher"]) <= chunk and max(head_rows["student"]) <= chunk
-    assert all(p.grad is None for p in method.teacher_unwrapped.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_on_policy_batches_are_student_samples_and_the_engine_follows_the_student(tmp_path, teacher_dir):
@@ -154,7 +155,8 @@ def test_config_errors_name_the_key():
 
 
 def test_nf4_teacher_is_quantized_and_gives_nearly_the_same_distribution(tmp_path, teacher_dir):
-    from distill.teacher import final_hidden_states, load_teacher, output_head
+    from distill.teacher import load_teacher
+    from trainer.sft import final_hidden_states, output_head
 
     cfg = _cfg(tmp_path, teacher_dir, "distill.teacher_quant=nf4", "quant.compute_dtype=fp32")
     nf4 = load_teacher(cfg, torch.device("cpu"))
@@ -164,6 +166,6 @@ def test_nf4_teacher_is_quantized_and_gives_nearly_the_same_distribution(tmp_pat
     ids = torch.randint(0, 1000, (1, 12))
     batch = {"input_ids": ids, "position_ids": torch.arange(12)[None]}
     with torch.no_grad():
-        p_nf4 = torch.softmax(output_head(nf4)(final_hidden_states(nf4, nf4, batch)).float(), -1)
-        p_full = torch.softmax(output_head(full)(final_hidden_states(full, full, batch)).float(), -1)
+        p_nf4 = torch.softmax(output_head(nf4)(final_hidden_states(nf4, batch)).float(), -1)
+        p_full = torch.softmax(output_head(full)(final_hidden_states(full, batch)).float(), -1)
     assert (p_nf4 - p_full).abs().sum(-1).max() < 0.5  # total variation: close, though 4-bit weights are not exact

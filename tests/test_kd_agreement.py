@@ -5,7 +5,8 @@ import torch
 import transformers
 
 from distill.losses import KDSpec, TeacherSide, chunked_kd_loss
-from distill.teacher import final_hidden_states, output_head, trained_positions
+from distill.teacher import trained_positions
+from trainer.sft import final_hidden_states, output_head
 
 VOCAB = 128
 
@@ -47,11 +48,11 @@ def test_kd_student_agrees_with_teacher_more_than_a_cross_entropy_student():
         for step in range(20):  # same data order, steps and learning rate for both students
             batch = _batch(train[(step * 16) % 64 : (step * 16) % 64 + 16])
             mask, targets = trained_positions(batch)
-            hidden = final_hidden_states(student, student, batch)[:, :-1][mask]
+            hidden = final_hidden_states(student, batch)[:, :-1][mask]
             side = None
             if with_kd:
                 with torch.no_grad():
-                    side = TeacherSide(hidden=final_hidden_states(teacher, teacher, batch)[:, :-1][mask], head=output_head(teacher))
+                    side = TeacherSide(hidden=final_hidden_states(teacher, batch)[:, :-1][mask], head=output_head(teacher))
             loss, _ = chunked_kd_loss(hidden, output_head(student), targets, side, KDSpec("forward_kl"), ce_weight=0.0, chunk_size=128)
             (loss / targets.numel()).backward()
             opt.step()

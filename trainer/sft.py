@@ -24,6 +24,11 @@ def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
     return getattr(decoder, "norm", None)
 
 
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head module of a possibly wrapped model (called as a module so sharded strategies gather it)."""
+    return getattr(model, "module", model).get_output_embeddings()
+
+
 def final_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The normed last hidden state ``[B, T, H]`` of any HF causal LM (plain, PEFT or wrapped).
 

@@ -38,7 +38,7 @@ from trainer.methods import Method, Run, build_method
 from trainer.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gb, plot_losses, summary_table, training_flops_per_token
 from trainer.models import build_model, count_parameters, load_tokenizer
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.precision import (autocast_context, keep_lora_inputs_in_compute_dtype, runs_in_bf16, to_bf16_working_weights,
+from trainer.precision import (keep_lora_inputs_in_compute_dtype, runs_in_bf16, to_bf16_working_weights,
                                uses_autocast)
 
 
@@ -125,7 +125,7 @@ class Trainer(Stateful):
             self.console.print(text, highlight=False)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast_context(self.device, self.cfg.precision, self.cfg.train.mixed_precision)
+        return self.run.autocast()  # one definition: methods score outside the step with the same context
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
