@@ -248,6 +248,13 @@ def peak_reserved_gib() -> float | None:
     return round(torch.cuda.max_memory_reserved() / GIB, 3) if torch.cuda.is_available() else None
 
 
+def allocated_gib() -> float | None:
+    """Memory held by live tensors now (weights, adapters, optimizer states before the first step)."""
+    import torch
+
+    return round(torch.cuda.memory_allocated() / GIB, 3) if torch.cuda.is_available() else None
+
+
 class OpProfiler:
     """torch.profiler over a few steps; ``stop()`` prints and returns the top ops by self device time.
 
@@ -257,12 +264,15 @@ class OpProfiler:
 
     def __init__(self, top: int = 15):
         self.top, self._prof = top, None
+        self.totals: dict[str, float] = {}  # after stop(): wall time of the window and summed device time, ms
 
     def start(self) -> None:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        synchronize()
+        self._start = time.perf_counter()
         self._prof = profile(activities=activities)
         self._prof.__enter__()
 
@@ -270,11 +280,15 @@ class OpProfiler:
         import torch
 
         synchronize()
+        wall_ms = (time.perf_counter() - self._start) * 1e3
         self._prof.__exit__(None, None, None)
         key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         averages = self._prof.key_averages()
         total = sum(getattr(e, key) for e in averages) or 1.0
+        # device time well below wall time means the GPU waits on the host (launch- or Python-bound)
+        self.totals = {"wall_ms": round(wall_ms, 2), "device_ms": round(total / 1e3, 2)}
         print(averages.table(sort_by=key, row_limit=self.top, max_name_column_width=60), flush=True)
+        print(f"profiled window: wall {wall_ms:.1f} ms, summed device time {total / 1e3:.1f} ms", flush=True)
         return [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 3), "pct": round(100 * getattr(e, key) / total, 1), "calls": e.count}
                 for e in sorted(averages, key=lambda e: getattr(e, key), reverse=True)[: self.top]]
 
@@ -322,6 +336,7 @@ def run_crucible(overrides: list[str], warmup: int, steps: int, profile_steps: i
                 return batch
 
             self.method.next_batch = counted_next_batch
+            clock["static_gib"] = allocated_gib()
             clock["last"] = now()
 
         def train_step(self) -> dict[str, Any]:
@@ -334,6 +349,7 @@ def run_crucible(overrides: list[str], warmup: int, steps: int, profile_steps: i
             clock["last"] = t
             if profile_steps and self.step == warmup + steps + profile_steps:
                 clock["top_ops"] = profiler.stop()
+                clock["profile_totals"] = profiler.totals
             return record
 
         def save(self):  # benchmark runs keep no checkpoints
@@ -344,7 +360,21 @@ def run_crucible(overrides: list[str], warmup: int, steps: int, profile_steps: i
     losses = [float(r["loss"]) for r in history if isinstance(r.get("loss"), (int, float))]
     n = warmup + steps
     return {"times": clock["times"][:n], "tokens": clock["tokens"][:n], "losses": losses[:n], "top_ops": clock["top_ops"],
+            "profile_totals": clock.get("profile_totals"), "static_gib": clock.get("static_gib"), "compile_stats": compile_stats() if cfg.train.compile else None,
             "trainable_params": trainer.trainable_params, "total_params": trainer.total_params, "history": history, "config": cfg}
+
+
+def compile_stats() -> dict[str, Any]:
+    """What torch.compile did in this process: graphs, graph breaks (with their reasons) and recompiles.
+    A compiled run slower than eager usually shows up here first (recompiles or breaks inside a layer)."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "frames_compiled": int(counters["frames"].get("ok", 0)),
+            "graph_breaks": int(sum(breaks.values())),
+            "top_graph_breaks": [f"{n}x {reason[:160]}" for reason, n in breaks.most_common(3)],
+            "recompiles": int(counters["recompiles"].get("total", 0)) if "recompiles" in counters else None}
 
 
 # --------------------------------------------------------------------------------------------

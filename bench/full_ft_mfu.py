@@ -64,6 +64,11 @@ def main() -> None:
         if r.get("top_ops"):
             top3 = "; ".join(f"{o['op']} {o['pct']}%" for o in r["top_ops"][:3])
             notes.append(f"{r['shape']} {r['side']}: three largest costs by self CUDA time: {top3}")
+        if r.get("profile_totals"):
+            t = r["profile_totals"]
+            notes.append(f"{r['shape']} {r['side']}: profiled steps: wall {t['wall_ms']:.0f} ms, device busy {t['device_ms']:.0f} ms")
+        if r.get("compile_stats"):
+            notes.append(f"{r['shape']} {r['side']}: torch.compile: {r['compile_stats']}")
     common.print_table(
         f"full fine-tuning, bf16 autocast, {args.seq_len}-token packed, micro-batch {args.micro_batch} x accum {args.grad_accum}, "
         f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}",

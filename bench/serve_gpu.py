@@ -150,6 +150,19 @@ def offline_throughput(engine, prompts: list[list[int]], adapter_ids: list[int],
     return tokens / (time.perf_counter() - start), first
 
 
+def profiled_pass(engine, prompts: list[list[int]], adapter_ids: list[int], case: str, console) -> dict:
+    """torch.profiler over a short run of the same workload (after the timed one): the top kernels and
+    how much of the wall time the GPU was busy (a low share means the host is the bottleneck)."""
+    from bench.common import OpProfiler
+
+    profiler = OpProfiler(top=12)
+    profiler.start()
+    offline_throughput(engine, prompts, adapter_ids, 32)
+    top = profiler.stop()
+    console.print(f"profile of {case}: wall {profiler.totals['wall_ms']:.0f} ms, device busy {profiler.totals['device_ms']:.0f} ms")
+    return {"case": case, "top_ops": top, **profiler.totals}
+
+
 def release() -> None:
     """Return the memory of engines the caller has already ``del``-ed (a helper taking the engine as
     an argument cannot free it: the caller's name still holds it)."""
@@ -168,6 +181,7 @@ def offline(args, model: str, adapters: dict[str, str], engine_options: dict, ro
     base_tps, _ = offline_throughput(engine, prompts, [0] * len(prompts), args.output_len)
     rows.append({"case": "offline base", "out_tok_per_s": base_tps, "vs_base": 1.0})
     console.print(f"base: {base_tps:,.0f} output tok/s")
+    profiles = [profiled_pass(engine, prompts[:64], [0] * 64, "base", console)] if args.profile else []
     del engine
     release()
 
@@ -180,6 +194,8 @@ def offline(args, model: str, adapters: dict[str, str], engine_options: dict, ro
         rows.append({"case": f"offline {n} adapters", "out_tok_per_s": tps, "vs_base": tps / base_tps,
                      "target": f">= {TARGET_RATIO}x", "met": tps / base_tps >= TARGET_RATIO})
         console.print(f"{n} adapters: {tps:,.0f} output tok/s ({tps / base_tps:.2f}x base)")
+        if args.profile:
+            profiles.append(profiled_pass(engine, prompts[:64], [ids[i % n] for i in range(64)], f"{n} adapters", console))
     # eager decode on the same engine: hiding its graphs makes every step take the eager path
     _, graphed = offline_throughput(engine, prompts[:1], ids[:1], 32)
     graphs, engine.runner.graphs = engine.runner.graphs, {}
@@ -188,7 +204,7 @@ def offline(args, model: str, adapters: dict[str, str], engine_options: dict, ro
     has_graphs = bool(graphs)
     del engine, graphs
     release()
-    return {"graph_equals_eager": graphed == eager if has_graphs else None}
+    return {"graph_equals_eager": graphed == eager if has_graphs else None, "profiles": profiles}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -178,9 +178,10 @@ def run_trl(spec: dict[str, Any], liger: bool) -> dict[str, Any]:
         """Wall time between optimizer steps (data, forward, backward, optimizer, logging) and each step's log."""
 
         def __init__(self):
-            self.last, self.times, self.logs = 0.0, [], []
+            self.last, self.times, self.logs, self.static_gib = 0.0, [], [], None
 
         def on_train_begin(self, args, state, control, **kw):
+            self.static_gib = common.allocated_gib()  # weights (+ adapters) before the first step
             self.last = common.now()
 
         def on_step_end(self, args, state, control, **kw):
@@ -212,7 +213,8 @@ def run_trl(spec: dict[str, Any], liger: bool) -> dict[str, Any]:
     cumulative = [int(entry["num_tokens"]) for entry in logs]
     step_tokens = [b - a for a, b in zip([0] + cumulative, cumulative)]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return summarize(spec, clock.times, step_tokens, [float(e["loss"]) for e in logs], trainable_params=trainable)
+    return summarize(spec, clock.times, step_tokens, [float(e["loss"]) for e in logs], trainable_params=trainable,
+                     static_gib=clock.static_gib)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +241,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     run = common.run_crucible(ours_overrides(spec) + spec["overrides"], spec["warmup"], spec["steps"], profile_steps=3 if spec["profile"] else 0)
     trainer_cfg = run["config"]
     return summarize(spec, run["times"], run["tokens"], run["losses"], top_ops=run["top_ops"], overrides=spec["overrides"],
+                     profile_totals=run["profile_totals"], compile_stats=run["compile_stats"], static_gib=run["static_gib"],
+                     step_times_ms=[round(t * 1e3, 1) for t in run["times"]],
                      trainable_params=run["trainable_params"], precision=trainer_cfg.precision, activation_checkpointing=trainer_cfg.train.activation_checkpointing)
 
 
@@ -384,7 +388,7 @@ def report(rows, comparisons, notes, args) -> None:
     common.print_table(
         f"SFT {args.seq_len}-token packed, micro-batch {args.micro_batch} x accum {args.grad_accum}, {args.steps} steps after {args.warmup} warm-up",
         rows, [("shape", "shape"), ("method", "method"), ("side", "side"), ("tokens_per_s", "tokens/s"), ("step_ms", "step ms"),
-               ("peak_mem_gib", "peak GiB"), ("final_loss", "final loss"), ("wall_s", "wall s")],
+               ("static_gib", "GiB before step 1"), ("peak_mem_gib", "peak GiB"), ("final_loss", "final loss"), ("wall_s", "wall s")],
     )
     common.print_table("crucible vs baseline", comparisons,
                        [("shape", "shape"), ("method", "method"), ("side", "side"), ("baseline", "baseline"), ("speedup", "speed-up"),
