@@ -228,8 +228,12 @@ def export_case(run_dir: str, fmt: str, options: list[str], out: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 def run_case(spec: dict) -> dict:
     """Worker side: the case ``spec`` describes, returned as JSON-able rows."""
+    import faulthandler
+
     import torch
 
+    if spec.get("dump_after_s"):  # a case about to be killed for its timeout says where it was
+        faulthandler.dump_traceback_later(spec["dump_after_s"], exit=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":  # smoke: the Triton kernels run in Triton's CPU interpreter (read when triton is imported)
         os.environ["TRITON_INTERPRET"] = "1"
@@ -247,7 +251,7 @@ def worker(spec: dict, timeout: float, workdir: Path, label: str) -> list[dict]:
     result_path = worker_result_path(workdir, label.replace(" ", "_").replace("/", "_"))
     spec_path = result_path.with_suffix(".spec.json")
     spec_path.parent.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps(dict(spec, dump_after_s=max(5.0, timeout - 10))))
     result = run_worker([sys.executable, __file__, "--worker", str(spec_path), "--result", str(result_path)],
                         result_path, timeout, label)
     if "error" in result:

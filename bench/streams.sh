@@ -24,6 +24,10 @@ OUT="${OUT:-bench_out}"
 mkdir -p "$OUT/results"
 
 mapfile -t gpus < <(grep -v '^\s*\(#\|$\)' "$plan" | cut -d'|' -f1 | awk '!seen[$0]++')
+# streams share the host's cores: without a cap every process starts one OpenMP thread per core and
+# CPU-side work (export, tokenization, launch-bound steps) slows down unpredictably
+threads=$(( $(nproc) / ${#gpus[@]} ))
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"
 pids=()
 for g in "${gpus[@]}"; do
     dir="$OUT/results/${g//,/-}"

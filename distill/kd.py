@@ -49,9 +49,7 @@ class DistillMethod(Method):
         self._ensure_dataset(run)
         self.student_init = self._prepare_student(run)
         self.train_examples, self.val_examples = build_examples(cfg, run.tokenizer)
-        self.loader = PackedLoader(self.train_examples, cfg.train.micro_batch_size, cfg.train.seq_len, cfg.data.packing,
-                                   seed=cfg.seed, shuffle=cfg.data.shuffle, rank=strategy.rank, world_size=strategy.world_size,
-                                   pad_id=run.tokenizer.pad_token_id)
+        self.loader = PackedLoader.for_run(self.train_examples, cfg, strategy.rank, strategy.world_size, run.tokenizer.pad_token_id)
         self.rng = random.Random(f"distill-{cfg.seed}-{strategy.rank}")
         if d.teacher_logits != "none":
             self._check_vocabulary(run)

@@ -160,3 +160,22 @@ def test_eval_batches_cover_every_example_once_across_ranks():
     examples = numbered_examples(25)
     seen = [d for rank in range(2) for b in iter_eval_batches(examples, 3, 64, rank=rank, world_size=2) for d in documents_in(b)]
     assert sorted(seen) == list(range(25))
+
+
+def test_static_shape_pads_every_batch_to_seq_len_with_the_same_documents():
+    """train.compile: one micro-batch width (seq_len) so compiled layers never recompile; the extra
+    columns are padding that trains nothing, and the documents are the ones the dynamic loader gives."""
+    examples = numbered_examples(12, max_len=60)  # few, long documents: rows rarely fill exactly
+    dynamic = PackedLoader(examples, micro_batch_size=3, seq_len=64, seed=2)
+    static = PackedLoader(examples, micro_batch_size=3, seq_len=64, seed=2, static_shape=True)
+    widths = set()
+    for _ in range(8):
+        d, s = next(dynamic), next(static)
+        widths.add(d["input_ids"].shape[1])
+        assert s["input_ids"].shape == s["labels"].shape == s["position_ids"].shape == (3, 64)
+        w = d["input_ids"].shape[1]
+        for key in ("input_ids", "labels", "position_ids"):
+            assert torch.equal(s[key][:, :w], d[key])
+        assert torch.all(s["labels"][:, w:] == IGNORE)
+    assert len(widths) > 1  # the dynamic loader really does vary (what made compiled runs recompile)
+    assert static.fill < dynamic.fill  # padding to seq_len is counted as padding

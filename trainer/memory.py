@@ -190,9 +190,9 @@ def estimate_memory(cfg, hf_config, world_size: int = 1) -> MemoryEstimate:
         base_bytes = 2 if mixed else 4  # trainer.models.param_dtype: frozen base in bf16 on GPU
         if qlora:
             absmax = (1 / _NF4_BLOCK + 4 / (_NF4_BLOCK * _DQ_BLOCK)) if cfg.quant.double_quant else 4 / _NF4_BLOCK
-            base = linear * (0.5 + absmax) + frozen_other * 4
-            notes.append(f"NF4 base: 0.5 B/param + {absmax:.4f} B/param block constants; embeddings/norms/head in fp32 "
-                         "(PEFT's prepare_model_for_kbit_training upcasts them)")
+            base = linear * (0.5 + absmax) + frozen_other * base_bytes
+            notes.append(f"NF4 base: 0.5 B/param + {absmax:.4f} B/param block constants; embeddings/norms/head in "
+                         f"{'bf16' if base_bytes == 2 else 'fp32'} (the frozen base dtype)")
         else:
             base = psi * base_bytes
         rows.append(("frozen base weights" + (" (sharded)" if shard_w else ""), base * per(shard_w)))

@@ -67,8 +67,7 @@ class SFTMethod(Method):
         self.run = run
         self.train_examples, self.val_examples = self.build_data(run.tokenizer)
         self.pad_id = run.tokenizer.pad_token_id or 0
-        self.loader = PackedLoader(self.train_examples, cfg.train.micro_batch_size, cfg.train.seq_len, cfg.data.packing,
-                                   seed=cfg.seed, shuffle=cfg.data.shuffle, rank=s.rank, world_size=s.world_size, pad_id=self.pad_id)
+        self.loader = PackedLoader.for_run(self.train_examples, cfg, s.rank, s.world_size, self.pad_id)
         # the head is called as a module (not through .weight) so sharded strategies can gather it
         self.head = run.unwrapped.get_output_embeddings()
 
