@@ -1,7 +1,7 @@
 """Unmerged multi-LoRA in the engine: a batch mixing the base model and two PEFT adapters gives the
 same greedy tokens as PEFT in transformers and as each adapter run alone (fp32, CPU); the adapter
 is part of the prefix-cache key; more adapters than slots are served by on-demand activation from an
-LRU CPU cache; unservable adapters are refused with a clear message; the fused Triton SGMV kernel
+LRU CPU cache; unservable adapters are refused with a clear message; the two-kernel Triton SGMV
 (CPU interpreter) equals the torch reference, alone and inside the engine."""
 from __future__ import annotations
 
@@ -177,23 +177,37 @@ def test_more_adapters_than_slots_are_activated_on_demand_lru(tiny_llama_dir, ad
 SGMV_CHECK = """
 import torch
 from engine.kernels.lora_segments import segments_from_groups, segments_on_device
-from engine.kernels.lora_triton import sgmv_lora
+from engine.kernels.lora_triton import expand_block_n, sgmv_lora, shrink_splits
 from engine.lora import lora_delta_grouped
+# the split choices of the benchmark shapes (Qwen3-0.6B): ~256 input features per shrink program, at most 8
+# splits, none for prefill tiles; 128 expand columns per decode program, 64 per prefill one
+assert [shrink_splits(n, 16) for n in (1024, 2048, 3072)] == [(4, 256), (8, 256), (8, 384)]
+assert shrink_splits(3072, 64) == (1, 3072) and shrink_splits(96, 16) == (1, 128)
+assert (expand_block_n(16), expand_block_n(64)) == (128, 64)
+
 gen = torch.Generator().manual_seed(0)
-sizes, num_slots, rank, in_features = [24, 8, 8], 3, 12, 40  # a fused qkv-like layer; rank not a power of two
-a = torch.randn(num_slots, len(sizes), rank, in_features, generator=gen)
-b = torch.randn(num_slots, sum(sizes), rank, generator=gen)
-for num_tokens in (7, 300):  # decode-sized groups (16-row tiles) and a prefill-sized one (64-row tiles)
-    x = torch.randn(num_tokens, in_features, generator=gen)
-    y = torch.randn(num_tokens, sum(sizes), generator=gen)
-    slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen)
-    slots[:num_tokens // 2] = 1  # one tall group
-    groups = [(s, (slots == s).nonzero().squeeze(1)) for s in range(num_slots) if (slots == s).any()]
-    expected = lora_delta_grouped(x, y.clone(), groups, a, b, sizes)
-    for segs in (segments_from_groups(groups, x.device), segments_on_device(slots, num_slots)):  # eager, graph
-        out = sgmv_lora(x, y.clone(), a, b, sizes, segs.rows, segs.item_slot, segs.item_lo, segs.item_hi, segs.block_m)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
-        assert torch.equal(out[slots < 0], y[slots < 0]), "base tokens were changed"
+num_slots, seen = 4, set()
+# (fused part sizes, rank, in): 3/2/1 parts; outs 40/144/136 are no multiple of 64 or 128; ranks not all powers of
+# two; in 200 (one shrink split, 200 not a multiple of it), 600 (3 splits of 256, the last partial), 520 (3 of 192)
+for sizes, rank, in_features in (([24, 8, 8], 12, 200), ([72, 72], 8, 600), ([136], 16, 520)):
+    a = torch.randn(num_slots, len(sizes), rank, in_features, generator=gen) * in_features ** -0.5
+    b = torch.randn(num_slots, sum(sizes), rank, generator=gen) * rank ** -0.5
+    for num_tokens in (7, 45, 300):  # decode-sized groups (16-row tiles) and a tall prefill one (64-row tiles)
+        x = torch.randn(num_tokens, in_features, generator=gen)
+        y = torch.randn(num_tokens, sum(sizes), generator=gen)
+        slots = torch.randint(-1, num_slots - 1, (num_tokens,), generator=gen)  # slot 3 unused; -1 = base tokens
+        slots[:num_tokens * 9 // 10] = 1  # one tall group: uneven counts, over 256 rows at 300 tokens
+        slots[-3:] = -1
+        groups = [(s, (slots == s).nonzero().squeeze(1)) for s in range(num_slots) if (slots == s).any()]
+        expected = lora_delta_grouped(x, y.clone(), groups, a, b, sizes)
+        work_lists = [segments_from_groups(groups, x.device)] + [segments_on_device(slots, num_slots, m) for m in (16, 64)]
+        for segs in work_lists:  # eager (host-built), graph (device-built, padded with slot -1 items)
+            out = sgmv_lora(x, y.clone(), a, b, sizes, segs.rows, segs.item_slot, segs.item_lo, segs.item_hi, segs.block_m)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(out[slots < 0], y[slots < 0]), "base tokens were changed"
+            seen.add((segs.block_m, shrink_splits(in_features, segs.block_m)[0] > 1, bool((segs.item_slot < 0).any())))
+assert {(16, True), (16, False), (64, False)} <= {(m, split) for m, split, _ in seen}, seen
+assert any(pad for *_, pad in seen), "no padding items were exercised"
 """
 
 ENGINE_CHECK = """

@@ -1,4 +1,4 @@
-"""A step's adapter tokens grouped by slot: the work list of the SGMV kernel (``lora_triton.py``).
+"""A step's adapter tokens grouped by slot: the work list of the SGMV shrink and expand kernels (``lora_triton.py``).
 
 ``rows`` holds token rows sorted by slot; work item w covers ``rows[lo[w]:hi[w]]``, at most
 ``block_m`` rows, all of slot ``slot[w]`` (-1: padding, nothing to do). Base tokens (slot -1) are in
