@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--rates", type=csv_list, default=["8", "32", "128"], help="online request rates (req/s, Poisson)")
     p.add_argument("--online-requests", type=int, default=128, help="requests per online rate")
     p.add_argument("--online-adapters", type=int, default=8, help="adapters served next to the base model online")
+    p.add_argument("--repeats", type=int, default=3, help="offline runs per case; the best is reported")
+    p.add_argument("--skip-online", action="store_true", help="offline cases only (no HTTP server)")
     p.add_argument("--budget-s", type=float, default=390.0, help="skip online rates that would start after this many seconds")
     args = p.parse_args(argv)
     if args.smoke:
@@ -163,6 +165,12 @@ def profiled_pass(engine, prompts: list[list[int]], adapter_ids: list[int], case
     return {"case": case, "top_ops": top, **profiler.totals}
 
 
+def best_of(repeats: int, measure) -> float:
+    """The best of ``repeats`` runs of one case: a case lasts about a second, so a single run is at the
+    mercy of one-off host hiccups; every case (the base included) gets the same number of tries."""
+    return max(measure() for _ in range(max(1, repeats)))
+
+
 def release() -> None:
     """Return the memory of engines the caller has already ``del``-ed (a helper taking the engine as
     an argument cannot free it: the caller's name still holds it)."""
@@ -178,7 +186,7 @@ def offline(args, model: str, adapters: dict[str, str], engine_options: dict, ro
     prompts = [[rng.randrange(5, 4000) for _ in range(args.input_len)] for _ in range(args.requests)]
     engine = LLMEngine(model, **engine_options)
     offline_throughput(engine, prompts[:16], [0] * 16, 8)  # warm-up
-    base_tps, _ = offline_throughput(engine, prompts, [0] * len(prompts), args.output_len)
+    base_tps = best_of(args.repeats, lambda: offline_throughput(engine, prompts, [0] * len(prompts), args.output_len)[0])
     rows.append({"case": "offline base", "out_tok_per_s": base_tps, "vs_base": 1.0})
     console.print(f"base: {base_tps:,.0f} output tok/s")
     profiles = [profiled_pass(engine, prompts[:64], [0] * 64, "base", console)] if args.profile else []
@@ -190,7 +198,8 @@ def offline(args, model: str, adapters: dict[str, str], engine_options: dict, ro
     ids = [engine.runner.lora.load(name, path).adapter_id for name, path in list(adapters.items())[:max_n]]
     offline_throughput(engine, prompts[:16], ids[:16], 8)  # warm-up: compiles the kernel's prefill and decode tiles
     for n in args.adapter_counts:
-        tps, _ = offline_throughput(engine, prompts, [ids[i % n] for i in range(len(prompts))], args.output_len)
+        mix = [ids[i % n] for i in range(len(prompts))]
+        tps = best_of(args.repeats, lambda: offline_throughput(engine, prompts, mix, args.output_len)[0])
         rows.append({"case": f"offline {n} adapters", "out_tok_per_s": tps, "vs_base": tps / base_tps,
                      "target": f">= {TARGET_RATIO}x", "met": tps / base_tps >= TARGET_RATIO})
         console.print(f"{n} adapters: {tps:,.0f} output tok/s ({tps / base_tps:.2f}x base)")
@@ -282,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     save_results(args.out, "serve_gpu", args, rows, **extra)
 
     missing = missing_server_packages()
-    if missing:
+    if args.skip_online:
+        extra["notes"].append("online half skipped (--skip-online)")
+    elif missing:
         note = f"online half skipped: missing Python packages {', '.join(missing)} (pip install {' '.join(missing)})"
         console.print(f"[yellow]{note}")
         extra["notes"].append(note)

@@ -11,10 +11,11 @@ own A, and the output rows of part p take ``B[rows_p] @ (A[p] @ x)``, i.e. the f
 concatenation of the per-part deltas. Ranks below ``R = max_lora_rank`` are zero-padded (exact).
 The stacks never move, so captured CUDA graphs read whatever the slots hold at replay.
 
-The step context carries one slot per token (-1 = base). On GPU one fused Triton kernel per
-projection applies every adapter of the step (``engine/kernels/lora_triton.py``: shrink and expand
-of all fused parts, tokens tiled by adapter); its work list comes from the host-known groups in eager
-steps and is built on the device inside captured decode graphs. The CPU path (and the numerical
+The step context carries one slot per token (-1 = base). On GPU two Triton kernels per projection
+apply every adapter of the step (``engine/kernels/lora_triton.py``: a split-K shrink of all fused
+parts into an fp32 buffer, then an expand over output-column tiles; tokens tiled by adapter); their
+work list comes from the host-known groups in eager steps and is built on the device inside
+captured decode graphs. The CPU path (and the numerical
 reference) is the torch segment-gather ``lora_delta_grouped``.
 
 More adapters can be registered than there are slots: ``LoRAManager.activate`` loads one on demand
