@@ -181,15 +181,17 @@ from engine.kernels.lora_triton import expand_block_n, sgmv_lora, shrink_splits
 from engine.lora import lora_delta_grouped
 # the split choices of the benchmark shapes (Qwen3-0.6B): ~256 input features per shrink program, at most 8
 # splits, none for prefill tiles; 128 expand columns per decode program, 64 per prefill one
-assert [shrink_splits(n, 16) for n in (1024, 2048, 3072)] == [(4, 256), (8, 256), (8, 384)]
-assert shrink_splits(3072, 64) == (1, 3072) and shrink_splits(96, 16) == (1, 128)
+assert [shrink_splits(n, 16) for n in (1024, 2048, 3072)] == [(8, 128), (16, 128), (16, 192)]
+assert [shrink_splits(n, 64) for n in (200, 1024, 3072)] == [(1, 256), (2, 512), (6, 512)]
+assert shrink_splits(96, 16) == (1, 128)
 assert (expand_block_n(16), expand_block_n(64)) == (128, 64)
 
 gen = torch.Generator().manual_seed(0)
 num_slots, seen = 4, set()
 # (fused part sizes, rank, in): 3/2/1 parts; outs 40/144/136 are no multiple of 64 or 128; ranks not all powers of
-# two; in 200 (one shrink split, 200 not a multiple of it), 600 (3 splits of 256, the last partial), 520 (3 of 192)
-for sizes, rank, in_features in (([24, 8, 8], 12, 200), ([72, 72], 8, 600), ([136], 16, 520)):
+# two; in 100 (one shrink split, not a multiple of BLOCK_K), 600 (decode: 5 splits of 128, the last partial;
+# prefill: 2 of 512), 520 (decode: 5 of 128; prefill: 2)
+for sizes, rank, in_features in (([24, 8, 8], 12, 100), ([72, 72], 8, 600), ([136], 16, 520)):
     a = torch.randn(num_slots, len(sizes), rank, in_features, generator=gen) * in_features ** -0.5
     b = torch.randn(num_slots, sum(sizes), rank, generator=gen) * rank ** -0.5
     for num_tokens in (7, 45, 300):  # decode-sized groups (16-row tiles) and a tall prefill one (64-row tiles)
@@ -206,7 +208,7 @@ for sizes, rank, in_features in (([24, 8, 8], 12, 200), ([72, 72], 8, 600), ([13
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
             assert torch.equal(out[slots < 0], y[slots < 0]), "base tokens were changed"
             seen.add((segs.block_m, shrink_splits(in_features, segs.block_m)[0] > 1, bool((segs.item_slot < 0).any())))
-assert {(16, True), (16, False), (64, False)} <= {(m, split) for m, split, _ in seen}, seen
+assert {(16, True), (16, False), (64, True), (64, False)} <= {(m, split) for m, split, _ in seen}, seen
 assert any(pad for *_, pad in seen), "no padding items were exercised"
 """
 
