@@ -513,15 +513,18 @@ def run_sides(script: str, args: argparse.Namespace, workdir: Path, spec: dict[s
         yield side, run_worker(cmd, worker_result_path(workdir, side), timeout=timeout, label=side)
 
 
-def run_worker(cmd: list[str], result_path: Path, timeout: float | None = None, label: str = "") -> dict[str, Any]:
+def run_worker(cmd: list[str], result_path: Path, timeout: float | None = None, label: str = "",
+               env_overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one measured side in a fresh process (clean CUDA context, clean peak-memory counter).
 
     Its output streams through (indented) so progress is visible; the worker writes its result to
     ``result_path``. Failures come back as ``{"error": ...}`` so one broken side never hides the others.
+    ``env_overrides`` (e.g. ``CUDA_VISIBLE_DEVICES``) apply to this worker only.
     """
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
+               **(env_overrides or {}))
     start = time.perf_counter()
     tail: list[str] = []
     try:
