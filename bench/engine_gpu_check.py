@@ -141,7 +141,7 @@ def build_model(out: Path, smoke: bool) -> str:
     return str(out)
 
 
-def parity_checks(model_dir: str, device: str, smoke: bool) -> list[dict]:
+def parity_checks(model_dir: str, device: str, smoke: bool, launch_ahead: bool = True) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -152,7 +152,8 @@ def parity_checks(model_dir: str, device: str, smoke: bool) -> list[dict]:
     vocab = 2000 if smoke else 151936
     prompts = [[rng.randrange(vocab) for _ in range(length)] for _ in range(n_prompts)]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    options = dict(skip_tokenizer_init=True, max_model_len=2048, gpu_memory_utilization=0.3, num_blocks=512)
+    options = dict(skip_tokenizer_init=True, max_model_len=2048, gpu_memory_utilization=0.3, num_blocks=512,
+                   launch_ahead=launch_ahead)
 
     greedy = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     llm = LLM(model_dir, dtype=dtype, **options)
@@ -197,6 +198,11 @@ def parity_checks(model_dir: str, device: str, smoke: bool) -> list[dict]:
     floor = (bf16_top1 == ref_top1).float().mean().item()
     greedy_match = sum(a == b for a, b in zip(engine_greedy, hf_greedy)) / len(prompts)
     graph_match = sum(a == b for a, b in zip(engine_greedy, eager_greedy)) / len(prompts)
+    for i, (a, b) in enumerate(zip(engine_greedy, eager_greedy)):  # where graphs and eager part ways, for the log
+        if a != b:
+            at = next(t for t, (x, y) in enumerate(zip(a, b)) if x != y)
+            print(f"graphs vs eager: prompt {i} differs from token {at} (graphs {a[at]}, eager {b[at]}; "
+                  f"transformers {hf_greedy[i][at]})", flush=True)
     small_graph_match = sum(a == b for a, b in zip(small, eager_small)) / len(small)
     small_hf_match = sum(a == b for a, b in zip(small, hf_greedy)) / len(small)
     return [
@@ -230,13 +236,15 @@ def main() -> int:
     import torch
 
     p = bench_parser(__doc__.splitlines()[0])
+    p.add_argument("--no-launch-ahead", action="store_true", help="engine.launch_ahead=false (no chained/ahead decode launches)")
+    p.add_argument("--parity-only", action="store_true", help="skip the kernel and GEMV micro-checks")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
         print("error: no GPU; run with --smoke for a CPU code-path check", file=sys.stderr)
         return 2
     rows: list[dict] = []
-    if device == "cuda":
+    if device == "cuda" and not args.parity_only:
         try:
             rows += kernel_checks(device)
             rows += gemv_checks(device)
@@ -247,7 +255,7 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="engine-check-"))
     try:
         model_dir = build_model(workdir / "qwen3-0.6b", args.smoke)
-        rows += parity_checks(model_dir, device, args.smoke)
+        rows += parity_checks(model_dir, device, args.smoke, launch_ahead=not args.no_launch_ahead)
     except Exception as e:
         traceback.print_exc()
         rows.append({"check": "parity", "error": f"{type(e).__name__}: {e}", "ok": False})
