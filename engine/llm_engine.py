@@ -128,8 +128,6 @@ class LLMEngine:
         if not batch.seqs:
             raise RuntimeError("the scheduler could not schedule any sequence (KV cache too small for the waiting prompt)")
         hidden = self.runner.forward(batch)
-        if batch.is_decode and self._chainable(batch.seqs):
-            self.runner.launch_chained(batch.seqs, hidden)
         sample_seqs, sample_rows, prompt_jobs = [], [], []
         row = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -154,23 +152,6 @@ class LLMEngine:
             self._sample(hidden, sample_seqs, sample_rows)
         self._launch_ahead()
         return sorted({s.request_id for s in batch.seqs})
-
-    def _chainable(self, seqs: list[Sequence]) -> bool:
-        """Whether the step after this one is sure to be these sequences, each extended by the greedy
-        token this step's graph already took: every running sequence is in the batch, nothing waits,
-        every sequence samples greedily without penalties, logprobs or min_tokens masking, and none
-        reaches max_tokens or the context limit with this step's token. (A stop token or string is
-        only known later: the queued step is then discarded.)"""
-        sched = self.scheduler
-        if sched.waiting or len(seqs) != len(sched.running):
-            return False
-        for s in seqs:
-            p = s.params
-            if not p.greedy or p.needs_penalties or p.logprobs is not None or s.wants_prompt_logprobs:
-                return False
-            if s.num_output_tokens < p.min_tokens or s.num_output_tokens + 1 >= p.max_tokens or len(s) + 1 >= self.max_model_len:
-                return False
-        return True
 
     def _launch_ahead(self) -> None:
         """When the next step is sure to be a decode of exactly the running sequences (nothing waits

@@ -6,11 +6,9 @@ layer gets its views. On CPU its size is ``engine.num_blocks``; on GPU it takes 
 GPU replay CUDA graphs captured for batch-size buckets (padded with slot -1 / context length 0);
 a graph covers the whole decoder stack, the LM head and the greedy argmax, and its inputs arrive in
 one host-to-device copy from a pinned staging buffer, so a decode step costs one copy, one replay and
-one device-to-host read of the tokens. Two ways keep the GPU from waiting on the host between
-steps: ``launch_chained`` queues step n+1 right after step n's replay, fed on the device with step
-n's greedy argmax, before the host has read anything (pure greedy decoding: the host's whole step
-overlaps the GPU's); ``launch_ahead`` queues it once step n's tokens are known on the host (sampled
-decoding), so at least the caller's output handling and the next scheduling overlap it.
+one device-to-host read of the tokens. ``launch_ahead`` queues the next step's replay while the host
+still finishes the current one (the engine calls it once the tokens are known), so the host's
+scheduling and bookkeeping overlap the GPU's work instead of leaving it idle.
 
 On CUDA, projections at <= 8 rows run a Triton GEMV (``engine.gemv``) whose config per projection
 group was timed against cuBLAS at start-up (engine/kernels/gemv_tuning.py).
@@ -61,8 +59,7 @@ class ModelRunner:
         max_bs = min(config.max_num_seqs, 512)
         self.graph_buckets = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs] if b <= max_bs})
         self._graph_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, logits) of the last replay
-        self._ahead: tuple | None = None  # (sequences, lengths) of a replay queued by launch_ahead/launch_chained
-        self._chained: tuple[torch.Tensor, int] | None = None  # (hidden, rows) of a step a chained launch followed
+        self._ahead: tuple | None = None  # (sequences, lengths) of a replay queued by launch_ahead
         if device.type == "cuda" and not config.enforce_eager and self.backend == "triton":
             self._capture_decode_graphs()
 
@@ -84,7 +81,7 @@ class ModelRunner:
             linear.gemv = gemv_plan if enabled else None
         if self.graphs:
             self.graphs.clear()
-            self._ahead = self._chained = None
+            self._ahead = None
             torch.cuda.synchronize()
             self._capture_decode_graphs()
 
@@ -196,7 +193,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Hidden states of every new token of the batch, [num_tokens, hidden]."""
-        self._graph_logits = self._chained = None
+        self._graph_logits = None
         ahead, self._ahead = self._ahead, None
         if ahead is not None and batch.is_decode and ahead == _decode_key(batch.seqs):
             return self._graph_outputs(len(batch))  # launch_ahead already queued exactly this step
@@ -211,49 +208,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        if self._chained is not None and hidden is self._chained[0]:
-            raise RuntimeError("internal: the logits of a step whose graph outputs a chained launch has reused")
         if self._replayed(hidden, rows):
             return self.g_logits[:len(rows)]  # a replayed decode step computed them in its graph
         return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
 
     def greedy_tokens(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
-        """The argmax tokens a replayed decode step computed in its graph, else None: from the pinned
-        host copy when a chained launch has already queued the next step (which overwrites them)."""
-        if self._chained is not None and hidden is self._chained[0] and rows == list(range(len(rows))):
-            self.tokens_ready.synchronize()
-            return self.h_tokens[:len(rows)]
+        """The argmax tokens a replayed decode step computed in its graph (on device), else None."""
         return self.g_tokens[:len(rows)] if self._replayed(hidden, rows) else None
 
     def _replayed(self, hidden: torch.Tensor, rows: list[int]) -> bool:
         return self._graph_logits is not None and hidden is self._graph_logits[0] and rows == list(range(len(rows)))
-
-    @torch.inference_mode()
-    def launch_chained(self, seqs: list, hidden: torch.Tensor) -> bool:
-        """Queue the decode step *after* the one just replayed for ``seqs``, before the host has read
-        this step's tokens: its input ids are this replay's argmax, copied on the device. The caller
-        guarantees every sequence continues with exactly that greedy token (no sampler, no stop known
-        yet). Then the GPU never waits for the host between steps: while it runs step n+1, the host
-        reads step n's tokens (from a pinned copy taken before n+1 overwrites them) and does the
-        step's bookkeeping. ``forward`` uses the queued step when the next batch is exactly these
-        sequences, one token longer; otherwise it is discarded (its only effect: the K/V of each
-        sequence's next position, computed from the token the sequence really has there, or from a
-        token after a stop, where nothing reads it). False when it cannot be queued."""
-        bs = self.block_size
-        if not (self.graphs and self.config.launch_ahead and self._ahead is None and 0 < len(seqs) <= self.graph_buckets[-1]):
-            return False
-        if not self._replayed(hidden, list(range(len(seqs)))):
-            return False
-        if any(len(s) // bs >= len(s.block_table) for s in seqs):  # the next position needs a new block
-            return False
-        n = len(seqs)
-        self.h_tokens[:n].copy_(self.g_tokens[:n], non_blocking=True)  # stream order: after this step's replay
-        self.tokens_ready.record()
-        self._replay(seqs, chained=True)
-        self._graph_logits = None
-        self._chained = (hidden, n)
-        self._ahead = _decode_key(seqs, ahead_by=1)
-        return True
 
     @torch.inference_mode()
     def launch_ahead(self, seqs: list) -> bool:
@@ -262,7 +226,7 @@ class ModelRunner:
         at these lengths and discards it otherwise (its only effect then: K/V of those sequences'
         next position, which the real step rewrites). False when it cannot be queued."""
         bs = self.block_size
-        if not (self.graphs and self.config.launch_ahead and self._ahead is None and 0 < len(seqs) <= self.graph_buckets[-1]):
+        if not (self.graphs and self.config.launch_ahead and 0 < len(seqs) <= self.graph_buckets[-1]):
             return False
         if any(s.num_uncomputed_tokens != 1 for s in seqs):
             return False
@@ -290,8 +254,6 @@ class ModelRunner:
         self.g_logits = torch.zeros(max_bs, self.args.vocab_size, dtype=torch.float32, device=self.device)
         self.g_tokens = torch.zeros(max_bs, dtype=torch.long, device=self.device)
         self.copy_done = torch.cuda.Event()  # the last staging copy: the host waits on it before rewriting h_buf
-        self.h_tokens = torch.zeros(max_bs, dtype=torch.long).pin_memory()  # a chained launch's copy of the tokens
-        self.tokens_ready = torch.cuda.Event()
         slots.fill_(-1)
         adapter.fill_(-1)
         pool = None
@@ -311,18 +273,17 @@ class ModelRunner:
             set_context(None)
         torch.cuda.synchronize()
 
-    def _replay(self, seqs: list, chained: bool = False) -> torch.Tensor:
-        """A decode step of ``seqs`` through its bucket's graph; ``chained``: the step after the one
-        just replayed, its input ids taken on the device from that replay's argmax."""
+    def _replay(self, seqs: list) -> torch.Tensor:
+        """A decode step of ``seqs`` through its bucket's graph."""
         n = len(seqs)
         bucket = next(b for b in self.graph_buckets if b >= n)
         vec, tables, bs = self.h_vec, self.h_tables, self.block_size
         ids, pos, slots, adapter, lens = vec
         self.copy_done.synchronize()  # a launch_ahead copy may still be reading the staging buffer
         for i, seq in enumerate(seqs):
-            p = len(seq) - (0 if chained else 1)
+            p = len(seq) - 1
             table = seq.block_table
-            ids[i], pos[i], lens[i] = (0 if chained else seq.token_ids[p]), p, p + 1
+            ids[i], pos[i], lens[i] = seq.token_ids[p], p, p + 1
             slots[i] = table[p // bs] * bs + p % bs
             tables[i, :len(table)] = table
             if self.lora is not None:
@@ -331,8 +292,6 @@ class ModelRunner:
         used = 5 * tables.shape[0] + bucket * tables.shape[1]
         self.g_buf[:used].copy_(self.h_buf[:used], non_blocking=True)
         self.copy_done.record()
-        if chained:
-            self.g_buf[:n].copy_(self.g_tokens[:n])  # the ids region: the previous replay's tokens, on device
         self.graphs[bucket].replay()
         return self._graph_outputs(n)
 
@@ -342,8 +301,7 @@ class ModelRunner:
         return hidden
 
 
-def _decode_key(seqs: list, ahead_by: int = 0) -> tuple:
+def _decode_key(seqs: list) -> tuple:
     """What a queued decode replay was computed for: these sequences, in this order, at these lengths
-    (``ahead_by`` tokens longer than now) and block tables, which only the scheduler changes and only
-    by growing them."""
-    return tuple((s.seq_id, len(s) + ahead_by, len(s.block_table)) for s in seqs)
+    (and block tables, which only the scheduler changes and only by growing them)."""
+    return tuple((s.seq_id, len(s), len(s.block_table)) for s in seqs)
