@@ -277,9 +277,18 @@ def _activation_rows(cfg, shape: ModelShape, autocast: bool, lora: bool, act_byt
     notes.append(f"activations in {'bf16' if act_bytes == 2 else 'fp32'}; SDPA uses a fused kernel (no T x T matrix kept)")
     chunk = cfg.train.loss_chunk_size
     logit_tokens = min(chunk, tokens) if chunk > 0 else tokens
-    notes.append("logits in the compute dtype plus an fp32 upcast and its log-softmax" + (f", {chunk} tokens per loss chunk" if chunk > 0 else ""))
+    per_chunk = f", {chunk} tokens per loss chunk" if chunk > 0 else ""
+    # SFT with an unsharded LM head takes the fused linear + CE (trainer.losses): one chunk's logits
+    # in the compute dtype and one fp32 buffer, plus the hidden-state gradient it keeps for backward
+    fused = cfg.train.method == "sft" and getattr(cfg.parallel, "strategy", "single") not in ("fsdp2", "zero3")
+    if fused:
+        notes.append("fused linear + cross-entropy: one chunk's logits and one fp32 buffer" + per_chunk)
+        logits = logit_tokens * shape.vocab * (act_bytes + 4) + tokens * shape.hidden * act_bytes
+    else:
+        notes.append("logits in the compute dtype plus an fp32 upcast and its log-softmax" + per_chunk)
+        logits = logit_tokens * shape.vocab * (act_bytes + 8)
     return [(f"activations ({mode}, {tokens} tokens/micro-batch)", act),
-            (f"logits + loss ({logit_tokens} tokens at once)", logit_tokens * shape.vocab * (act_bytes + 8))]
+            (f"logits + loss ({logit_tokens} tokens at once)", logits)]
 
 
 def _deepspeed_buffers(cfg, hf_config, shape: ModelShape, trainable: int, n: int, on_gpu: bool, mixed: bool):
