@@ -50,19 +50,27 @@ PREFILL_BLOCK_M = 64  # the prefill row tile
 
 
 @triton.jit
+def _work_item(rows_ptr, item_slot_ptr, item_lo_ptr, item_hi_ptr, BLOCK_M: tl.constexpr):
+    """Work item ``program_id(0)``: its adapter slot (-1: nothing to do), its positions ``m`` in
+    ``rows`` (at most BLOCK_M), which of them are in the item, and the token rows they hold."""
+    item = tl.program_id(0)
+    slot = tl.load(item_slot_ptr + item)
+    lo = tl.load(item_lo_ptr + item)
+    hi = tl.load(item_hi_ptr + item)
+    m = lo + tl.arange(0, BLOCK_M)
+    row_ok = (m < hi) & (slot >= 0)
+    rows = tl.load(rows_ptr + m, mask=row_ok, other=0).to(tl.int64)
+    return slot, m, row_ok, rows
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, v_ptr, rows_ptr, item_slot_ptr, item_lo_ptr, item_hi_ptr,
                    stride_xt, stride_as, stride_vk,
                    IN_FEATURES: tl.constexpr, K_PER_SPLIT: tl.constexpr, RANK: tl.constexpr, PARTS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_PR: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    item = tl.program_id(0)
-    slot = tl.load(item_slot_ptr + item)
-    if slot < 0:
+    slot, m, row_ok, rows = _work_item(rows_ptr, item_slot_ptr, item_lo_ptr, item_hi_ptr, BLOCK_M)
+    if slot < 0:  # padding item of a captured graph's fixed-size work list
         return
-    lo = tl.load(item_lo_ptr + item)
-    hi = tl.load(item_hi_ptr + item)
-    m = lo + tl.arange(0, BLOCK_M)  # positions in rows
-    row_ok = m < hi
-    rows = tl.load(rows_ptr + m, mask=row_ok, other=0).to(tl.int64)
 
     # partial v[BLOCK_M, parts*R] = X[rows, krange] @ A[slot][:, krange]^T (A[slot] is [parts*R, in], row-major)
     j = tl.arange(0, BLOCK_PR)  # column of v: part j // RANK, rank j % RANK
@@ -86,15 +94,9 @@ def _expand_kernel(v_ptr, b_ptr, y_ptr, rows_ptr, item_slot_ptr, item_lo_ptr, it
                    OUT_FEATURES: tl.constexpr, KSPLIT: tl.constexpr, RANK: tl.constexpr, PARTS: tl.constexpr,
                    PART1: tl.constexpr, PART2: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_PR: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    item = tl.program_id(0)
-    slot = tl.load(item_slot_ptr + item)
-    if slot < 0:
+    slot, m, row_ok, rows = _work_item(rows_ptr, item_slot_ptr, item_lo_ptr, item_hi_ptr, BLOCK_M)
+    if slot < 0:  # padding item of a captured graph's fixed-size work list
         return
-    lo = tl.load(item_lo_ptr + item)
-    hi = tl.load(item_hi_ptr + item)
-    m = lo + tl.arange(0, BLOCK_M)
-    row_ok = m < hi
-    rows = tl.load(rows_ptr + m, mask=row_ok, other=0).to(tl.int64)
 
     # v = the sum of the shrink's partials (fixed order: deterministic), then the model dtype like the base matmul
     j = tl.arange(0, BLOCK_PR)
