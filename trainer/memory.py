@@ -284,6 +284,8 @@ def _activation_rows(cfg, shape: ModelShape, autocast: bool, lora: bool, act_byt
     if fused:
         notes.append("fused linear + cross-entropy: one chunk's logits and one fp32 buffer" + per_chunk)
         logits = logit_tokens * shape.vocab * (act_bytes + 4) + tokens * shape.hidden * act_bytes
+        if not lora:  # a trainable head: its gradient (fp32 accumulator) is taken in the forward and kept until backward
+            logits += shape.vocab * shape.hidden * 4
     else:
         notes.append("logits in the compute dtype plus an fp32 upcast and its log-softmax" + per_chunk)
         logits = logit_tokens * shape.vocab * (act_bytes + 8)
