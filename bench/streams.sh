@@ -33,6 +33,7 @@ for g in "${gpus[@]}"; do
     dir="$OUT/results/${g//,/-}"
     mkdir -p "$dir"
     (
+        rc=0
         while IFS='|' read -r prefix line; do
             [ "$prefix" = "$g" ] || continue
             envs=()
@@ -40,8 +41,9 @@ for g in "${gpus[@]}"; do
                 envs+=("${BASH_REMATCH[1]}")
                 line="${BASH_REMATCH[2]}"
             done
-            env "${envs[@]}" CUDA_VISIBLE_DEVICES="$g" OUT="$dir" bash bench/run_gpu.sh "$line"
+            env "${envs[@]}" CUDA_VISIBLE_DEVICES="$g" OUT="$dir" bash bench/run_gpu.sh "$line" || rc=1
         done < <(grep -v '^\s*\(#\|$\)' "$plan")
+        exit $rc
     ) >"$dir/stream.log" 2>&1 &
     pids+=($!)
 done

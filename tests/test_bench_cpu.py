@@ -164,3 +164,46 @@ def test_run_gpu_sh_runs_entries_with_timeouts_and_summarizes(tmp_path):
     assert "full_ft_mfu on cpu" in proc.stdout  # the compact summary at the end
     pngs = charts.chart(data, tmp_path)
     assert [p.name for p in pngs] == ["full_ft_mfu.png", "full_ft_mfu-loss.png"] and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_streams_sh_runs_each_stream_on_its_gpus_and_packs_one_archive(tmp_path):
+    """streams.sh: one stream per CUDA_VISIBLE_DEVICES prefix, KEY=VALUE prefixes set env, one archive back, summaries last."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text("# a comment\n0|no_such_bench:10\n\n1,2|FOO=bar no_such_other:10\n0|also_missing:10\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "bench/streams.sh", str(plan)], cwd=ROOT, env=dict(os.environ, OUT=str(out), PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout  # both streams had a failed entry
+    assert "##### GPUs 0" in proc.stdout and "##### GPUs 1,2" in proc.stdout
+    assert "no_such_other: bad entry 'no_such_other:10'" in proc.stdout  # the env prefix is not part of the entry
+    import tarfile
+
+    with tarfile.open(out / "results.tgz") as archive:
+        names = set(archive.getnames())
+    assert {"results/0/stream.log", "results/1-2/stream.log"} <= names
+    assert not (out / "results").exists()  # everything is in the archive
+
+
+def test_fp8_curves_are_judged_against_the_bf16_reseed_noise_band():
+    """FP8 'matches' when its smoothed gap to bf16 stays within 1.5x the bf16-vs-bf16-reseed gap after the warm-up phase."""
+    import math
+
+    from bench import fp8_gpu
+
+    steps = 200
+    bf16 = [0.5 + 11 * math.exp(-i / 20) for i in range(steps)]
+    reseed = [x * (1 + 0.10 * math.sin(i / 7)) for i, x in enumerate(bf16)]  # ~10% drift: the noise band
+
+    def run(losses, tokens_per_s):
+        return {"losses": losses, "tokens_per_s": tokens_per_s, "peak_gib": 1.0, "compile_warmup_s": 1.0, "fp8_linears": 4}
+
+    close = [x * (1 + 0.05 * math.cos(i / 5)) for i, x in enumerate(bf16)]
+    far = [x * 1.3 for x in bf16]
+    rows = {r["case"]: r for r in fp8_gpu.compare({"bf16": run(bf16, 100.0), "bf16-reseed": run(reseed, 101.0),
+                                                   "fp8-tensorwise": run(close, 130.0), "fp8-rowwise": run(far, 140.0)})}
+    band = rows["bf16-reseed"]["max_rel_gap_after_skip"]
+    assert 0.05 < band < 0.11 and rows["fp8-tensorwise"]["gap_tolerance"] == pytest.approx(1.5 * band, abs=1e-4)
+    assert rows["fp8-tensorwise"]["curves_match"] and rows["fp8-tensorwise"]["target_met"]  # 1.30x and inside the band
+    assert not rows["fp8-rowwise"]["curves_match"] and not rows["fp8-rowwise"]["target_met"]  # 1.40x but 30% off
+    alone = {r["case"]: r for r in fp8_gpu.compare({"bf16": run(bf16, 100.0), "fp8-tensorwise": run(close, 130.0)})}
+    assert alone["fp8-tensorwise"]["gap_tolerance"] == fp8_gpu.CURVE_TOLERANCE  # no reseed run: the fixed tolerance
