@@ -192,12 +192,14 @@ def _chunked_cross_entropy_no_grad(hidden: torch.Tensor, targets: torch.Tensor, 
     return total
 
 
+def _needs_grad(hidden: torch.Tensor, weight_bias: tuple[torch.Tensor, torch.Tensor | None]) -> bool:
+    return hidden.requires_grad or any(p is not None and p.requires_grad for p in weight_bias)
+
+
 def uses_fused_path(hidden: torch.Tensor, head: Head) -> bool:
     """Whether ``chunked_cross_entropy`` would take the fused linear + CE path for this head and input."""
     wb = _plain_weight(head)
-    if wb is None or not torch.is_grad_enabled():
-        return False
-    return hidden.requires_grad or any(p is not None and p.requires_grad for p in wb)
+    return wb is not None and torch.is_grad_enabled() and _needs_grad(hidden, wb)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: Head, chunk_size: int) -> torch.Tensor:
@@ -210,7 +212,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: Hea
     if hidden.shape[0] == 0:  # a micro-batch with no trained token still has to join the graph (DDP expects grads)
         return hidden.sum() * 0.0
     wb = _plain_weight(head)
-    if not torch.is_grad_enabled() or (wb is not None and not uses_fused_path(hidden, head)):
+    if not torch.is_grad_enabled() or (wb is not None and not _needs_grad(hidden, wb)):
         return _chunked_cross_entropy_no_grad(hidden, targets, head, chunk_size)  # nothing to differentiate
     if wb is not None:
         return fused_linear_cross_entropy(hidden, targets, wb[0], wb[1], chunk_size)
