@@ -186,17 +186,17 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def late_gap(losses: list[float], reference: list[float]) -> float | None:
+def late_gap(ours: list[float], ref: list[float]) -> float | None:
     """Largest relative gap between two smoothed loss curves after ``CURVE_SKIP`` steps."""
-    ours, ref = moving_average(losses, SMOOTHING), moving_average(reference, SMOOTHING)
     late = [abs(a - b) / b for a, b in zip(ours[CURVE_SKIP:], ref[CURVE_SKIP:])]
     return max(late) if late else None
 
 
 def compare(results: dict[str, dict]) -> list[dict]:
     base = results.get("bf16", {})
+    ref = moving_average(base["losses"], SMOOTHING) if "losses" in base else None
     reseed = results.get("bf16-reseed", {})
-    noise = late_gap(reseed["losses"], base["losses"]) if "losses" in reseed and "losses" in base else None
+    noise = late_gap(moving_average(reseed["losses"], SMOOTHING), ref) if "losses" in reseed and ref else None
     tolerance = NOISE_MARGIN * noise if noise is not None else CURVE_TOLERANCE
     rows = []
     for recipe, r in results.items():
@@ -209,11 +209,11 @@ def compare(results: dict[str, dict]) -> list[dict]:
         row.update(tokens_per_s=round(r["tokens_per_s"]), peak_gib=None if r["peak_gib"] is None else round(r["peak_gib"], 2),
                    compile_warmup_s=round(r["compile_warmup_s"], 1), fp8_linears=r["fp8_linears"],
                    first_loss=round(r["losses"][0], 4), final_loss=round(r["losses"][-1], 4))
-        if "losses" in base and recipe != "bf16":
-            ours, ref = moving_average(r["losses"], SMOOTHING), moving_average(base["losses"], SMOOTHING)
+        if ref and recipe != "bf16":
+            ours = moving_average(r["losses"], SMOOTHING)
             row["speedup_vs_bf16"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
             row["max_smoothed_loss_gap"] = round(max(abs(a - b) for a, b in zip(ours, ref)), 4)
-            gap = late_gap(r["losses"], base["losses"])
+            gap = late_gap(ours, ref)
             row["max_rel_gap_after_skip"] = None if gap is None else round(gap, 4)
             row["gap_tolerance"] = round(tolerance, 4)
             row["curves_match"] = gap is not None and gap <= tolerance
