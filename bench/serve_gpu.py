@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
-from bench.common import bench_parser, csv_list, print_table, save_results  # noqa: E402
+from bench.common import bench_parser, csv_list, print_table, save_results, synchronize  # noqa: E402
 
 QWEN3_06B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                  intermediate_size=3072, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -128,11 +128,6 @@ def make_adapters(root: Path, shape: dict, n: int, rank: int) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------
 # Offline throughput
 # ------------------------------------------------------------------------------------------------
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def offline_throughput(engine, prompts: list[list[int]], adapter_ids: list[int], output_len: int) -> tuple[float, list[int]]:
     """Output tokens/s of greedy-generating every prompt under its adapter id; also the first request's tokens."""
     from engine.sampling_params import SamplingParams
