@@ -185,20 +185,26 @@ def offline(args, model: str, adapters: dict[str, str], engine_options: dict, ro
     from engine.llm_engine import LLMEngine
 
     rng = random.Random(0)
-    prompts = [[rng.randrange(5, 4000) for _ in range(args.input_len)] for _ in range(args.requests)]
+
+    def fresh_prompts(count: int = args.requests) -> list[list[int]]:
+        # new token ids for every run: a repeated prompt would hit the prefix cache and skip its prefill
+        return [[rng.randrange(5, 4000) for _ in range(args.input_len)] for _ in range(count)]
+
     max_n = max(args.adapter_counts)
     # two engines in one process: the base one takes a fixed share, the LoRA one what is left under 0.85
     base = LLMEngine(model, **engine_options, **({"gpu_memory_utilization": 0.4} if torch.cuda.is_available() else {}))
     lora = LLMEngine(model, **engine_options, enable_lora=True, max_loras=max_n, max_lora_rank=args.rank,
                      **({"gpu_memory_utilization": 0.85} if torch.cuda.is_available() else {}))
     ids = [lora.runner.lora.load(name, path).adapter_id for name, path in list(adapters.items())[:max_n]]
-    cases = {"base": (base, [0] * len(prompts))}
-    cases.update({n: (lora, [ids[i % n] for i in range(len(prompts))]) for n in args.adapter_counts})
+    cases = {"base": (base, [0] * args.requests)}
+    cases.update({n: (lora, [ids[i % n] for i in range(args.requests)]) for n in args.adapter_counts})
     for engine, mix in cases.values():  # warm-up: the full workload once (kernel tiles, batch sizes, allocator)
-        offline_throughput(engine, prompts, mix, args.output_len)
+        offline_throughput(engine, fresh_prompts(), mix, args.output_len)
     samples: dict = {case: [] for case in cases}
     for _ in range(max(1, args.repeats)):
         for case, (engine, mix) in cases.items():
+            prompts = fresh_prompts()
+            gc.collect()  # not inside a timed run
             samples[case].append(offline_throughput(engine, prompts, mix, args.output_len)[0])
     base_tps = median(samples["base"])
     rows.append({"case": "offline base", "out_tok_per_s": base_tps, "vs_base": 1.0, "samples": samples["base"]})
@@ -215,11 +221,13 @@ def offline(args, model: str, adapters: dict[str, str], engine_options: dict, ro
     if args.profile:
         for case, (engine, mix) in cases.items():
             label = "base" if case == "base" else f"{case} adapters"
-            profiles.append(profiled_pass(engine, prompts[:64], mix[:64], label, console))
+            profiles.append(profiled_pass(engine, fresh_prompts(64), mix[:64], label, console))
     # eager decode on the same engine: hiding its graphs makes every step take the eager path
-    _, graphed = offline_throughput(lora, prompts[:1], ids[:1], 32)
+    # (the same prompt twice: the second run's prefill hits the prefix cache, its decode does not)
+    prompt = fresh_prompts(1)
+    _, graphed = offline_throughput(lora, prompt, ids[:1], 32)
     graphs, lora.runner.graphs = lora.runner.graphs, {}
-    _, eager = offline_throughput(lora, prompts[:1], ids[:1], 32)
+    _, eager = offline_throughput(lora, prompt, ids[:1], 32)
     lora.runner.graphs = graphs
     has_graphs = bool(graphs)
     del base, lora, graphs, cases

@@ -100,12 +100,9 @@ def check_variant_configs(args) -> None:
 
 
 def all_sides(args) -> list[str]:
-    """The requested sides with each variant right after ``ours``, so default and variant run back to back."""
-    variants = [f"ours-{name}" for name in args.ours_variants]
-    if "ours" not in args.sides:
-        return variants + args.sides
-    at = args.sides.index("ours") + 1
-    return args.sides[:at] + variants + args.sides[at:]
+    """The requested sides, then the variants: a time budget that runs out cuts variants, never the
+    baselines that every ratio needs from the same call."""
+    return args.sides + [f"ours-{name}" for name in args.ours_variants]
 
 
 # --------------------------------------------------------------------------------------------
