@@ -296,6 +296,64 @@ class OpProfiler:
                 for e in sorted(averages, key=lambda e: getattr(e, key), reverse=True)[: self.top]]
 
 
+class MemoryTrace:
+    """What is alive at the memory peak of a window: the allocator's event history replayed.
+
+    ``stop()`` returns the window's peak above what was allocated at ``start()`` and the blocks
+    alive at that moment grouped by the first frame outside torch's own code (a model line, a
+    bitsandbytes call, an Inductor-generated kernel file), largest first: the breakdown a memory
+    target's miss needs. CUDA only (``torch.cuda.memory._record_memory_history``).
+    """
+
+    def __init__(self, top: int = 12):
+        self.top = top
+
+    def start(self) -> None:
+        import torch
+
+        synchronize()
+        self._base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+
+    def stop(self) -> dict[str, Any]:
+        import torch
+
+        synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        live: dict[int, dict[str, Any]] = {}
+        current = peak = 0
+        at_peak: dict[int, dict[str, Any]] = {}
+        for event in (e for trace in snapshot["device_traces"] for e in trace):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                current += event["size"]
+                if current > peak:
+                    peak, at_peak = current, dict(live)
+            elif event["action"] == "free_requested" and event["addr"] in live:
+                current -= live.pop(event["addr"])["size"]
+        groups: dict[str, list[int]] = {}
+        for event in at_peak.values():
+            where = self._origin(event.get("frames") or [])
+            groups.setdefault(where, []).append(event["size"])
+        rows = sorted(({"where": k, "gib": round(sum(v) / GIB, 3), "blocks": len(v)} for k, v in groups.items()),
+                      key=lambda r: -r["gib"])[: self.top]
+        result = {"base_gib": round(self._base / GIB, 3), "transient_peak_gib": round(peak / GIB, 3), "at_peak": rows}
+        print(f"memory peak of the window: {self._base / GIB:.3f} GiB before + {peak / GIB:.3f} GiB transient; alive at the peak:", flush=True)
+        for r in rows:
+            print(f"  {r['gib']:8.3f} GiB  {r['blocks']:5d} blocks  {r['where']}", flush=True)
+        return result
+
+    @staticmethod
+    def _origin(frames: list[dict[str, Any]]) -> str:
+        for f in frames:
+            name = f.get("filename", "")
+            if "/torch/" in name and "torchinductor" not in name or name.startswith("<"):
+                continue
+            return f"{name.split('site-packages/')[-1]}:{f.get('line')} {f.get('name')}"
+        return "(torch internals)"
+
+
 # --------------------------------------------------------------------------------------------
 # Our trainer, measured the way the TRL side is: wall time between optimizer steps
 # --------------------------------------------------------------------------------------------
@@ -315,18 +373,20 @@ def real_tokens(batch: dict[str, Any]) -> int:
     return n
 
 
-def run_crucible(overrides: list[str], warmup: int, steps: int, profile_steps: int = 0) -> dict[str, Any]:
+def run_crucible(overrides: list[str], warmup: int, steps: int, profile_steps: int = 0, memory_steps: int = 0) -> dict[str, Any]:
     """Train with crucible's ``Trainer`` in this process; per-step times, tokens, losses, top ops.
 
     ``profile_steps`` extra steps run under torch.profiler after the measured ones (so profiling
-    never slows the timed steps). Checkpoints are not written: saving is not what is measured.
+    never slows the timed steps), then ``memory_steps`` under a ``MemoryTrace`` (what is alive at
+    the peak). Checkpoints are not written: saving is not what is measured.
     """
     from trainer.config import load_config
     from trainer.trainer import Trainer
 
-    cfg = load_config(overrides + [f"train.max_steps={warmup + steps + profile_steps}"])
+    cfg = load_config(overrides + [f"train.max_steps={warmup + steps + profile_steps + memory_steps}"])
     clock: dict[str, Any] = {"times": [], "tokens": [], "top_ops": None}
-    profiler = OpProfiler()
+    profiler, memory = OpProfiler(), MemoryTrace()
+    traced_from, last = warmup + steps + profile_steps, warmup + steps + profile_steps + memory_steps
 
     class MeasuredTrainer(Trainer):
         def setup(self) -> None:
@@ -345,7 +405,11 @@ def run_crucible(overrides: list[str], warmup: int, steps: int, profile_steps: i
         def train_step(self) -> dict[str, Any]:
             if profile_steps and self.step == warmup + steps:
                 profiler.start()
+            if memory_steps and self.step == traced_from:
+                memory.start()
             record = super().train_step()
+            if memory_steps and self.step == last:
+                clock["memory_breakdown"] = memory.stop()
             t = now()
             clock["times"].append(t - clock["last"])
             clock["tokens"].append(clock.pop("pending_tokens", 0))
@@ -363,7 +427,7 @@ def run_crucible(overrides: list[str], warmup: int, steps: int, profile_steps: i
     losses = [float(r["loss"]) for r in history if isinstance(r.get("loss"), (int, float))]
     n = warmup + steps
     return {"times": clock["times"][:n], "tokens": clock["tokens"][:n], "losses": losses[:n], "top_ops": clock["top_ops"],
-            "profile_totals": clock.get("profile_totals"), "static_gib": clock.get("static_gib"), "compile_stats": compile_stats() if cfg.train.compile else None,
+            "profile_totals": clock.get("profile_totals"), "memory_breakdown": clock.get("memory_breakdown"), "static_gib": clock.get("static_gib"), "compile_stats": compile_stats() if cfg.train.compile else None,
             "trainable_params": trainer.trainable_params, "total_params": trainer.total_params, "history": history, "config": cfg}
 
 

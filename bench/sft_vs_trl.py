@@ -116,6 +116,7 @@ def case_spec(args, shape: str, method: str, side: str, model_dir: str, corpus_d
         steps=args.steps, warmup=args.warmup, seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
         lr=args.lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, activation_checkpointing=args.activation_checkpointing,
         seed=args.seed, profile=args.profile and is_ours(side), device="cuda" if _cuda() else "cpu",
+        memory_breakdown=args.memory_breakdown and is_ours(side) and _cuda(),
         overrides=args.ours_variants[side.removeprefix("ours-")] if side.startswith("ours-") else [],
     )
 
@@ -235,10 +236,11 @@ def ours_overrides(spec: dict[str, Any]) -> list[str]:
 
 
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    run = common.run_crucible(ours_overrides(spec) + spec["overrides"], spec["warmup"], spec["steps"], profile_steps=3 if spec["profile"] else 0)
+    run = common.run_crucible(ours_overrides(spec) + spec["overrides"], spec["warmup"], spec["steps"], profile_steps=3 if spec["profile"] else 0,
+                              memory_steps=1 if spec.get("memory_breakdown") else 0)
     trainer_cfg = run["config"]
     return summarize(spec, run["times"], run["tokens"], run["losses"], top_ops=run["top_ops"], overrides=spec["overrides"],
-                     profile_totals=run["profile_totals"], compile_stats=run["compile_stats"], static_gib=run["static_gib"],
+                     profile_totals=run["profile_totals"], memory_breakdown=run["memory_breakdown"], compile_stats=run["compile_stats"], static_gib=run["static_gib"],
                      step_times_ms=[round(t * 1e3, 1) for t in run["times"]],
                      trainable_params=run["trainable_params"], precision=trainer_cfg.precision, activation_checkpointing=trainer_cfg.train.activation_checkpointing)
 
@@ -307,6 +309,8 @@ def case_parser(description: str, *, shapes: list[str], methods: list[str], side
     p.add_argument("--case-timeout", type=float, default=300, help="seconds before one side is killed")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run (set it below the caller's timeout): sides get at most what is left")
+    p.add_argument("--memory-breakdown", action="store_true",
+                   help="one extra step of our sides under a memory-history trace: what is alive at the peak (CUDA)")
     p.add_argument("--ours-variants", type=parse_variants, default={}, metavar="NAME=k=v,k=v;...",
                    help="extra crucible sides ours-NAME, each with these config overrides")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
