@@ -14,6 +14,7 @@ so the recompute (which calls the plain forward, not ``__call__``) sees full par
 from __future__ import annotations
 
 import functools
+import types
 from collections import Counter
 
 import torch
@@ -67,6 +68,39 @@ def apply_activation_checkpointing(model: torch.nn.Module, cfg) -> list[int]:
     for i in chosen:
         _replace_forward(layers[i], wrapper)
     return chosen
+
+
+def apply_mlp_token_chunks(model: torch.nn.Module, chunks: int) -> int:
+    """Run every decoder layer's MLP over its tokens in ``chunks`` slices (``train.mlp_token_chunks``).
+
+    A SwiGLU MLP treats tokens independently, and its ``[tokens, intermediate]`` buffers (gate, up,
+    their product, and their gradients in the backward) are the largest of a layer: slicing the tokens
+    divides them by ``chunks`` at the same FLOPs. Under a compiled, checkpointed layer the backward
+    then works slice by slice too. Returns the number of MLPs wrapped (0 for ``chunks == 1``).
+    """
+    if chunks <= 1:
+        return 0
+    layers = decoder_layers(model)
+    missing = [i for i, layer in enumerate(layers) if not isinstance(getattr(layer, "mlp", None), torch.nn.Module)]
+    if missing:
+        raise ValueError(f"train.mlp_token_chunks={chunks} needs decoder layers with an `mlp` submodule; "
+                         f"{type(layers[missing[0]]).__name__} has none (layers {missing[:4]}...): set train.mlp_token_chunks=1")
+    for layer in layers:
+        mlp = layer.mlp
+        if getattr(mlp, "_crucible_token_chunks", 0):
+            continue
+        mlp._crucible_token_chunks = chunks
+        # a bound method of one shared function (not a partial per layer): torch.compile guards on the
+        # function's identity, so every layer keeps sharing one compiled graph
+        mlp.forward = types.MethodType(_token_chunked_forward, mlp)
+    return len(layers)
+
+
+def _token_chunked_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    slices = torch.tensor_split(flat, min(mlp._crucible_token_chunks, max(flat.shape[0], 1)))
+    out = torch.cat([type(mlp).forward(mlp, piece) for piece in slices])
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _replace_forward(layer: torch.nn.Module, wrapper) -> None:

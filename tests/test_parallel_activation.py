@@ -88,3 +88,55 @@ def test_layer_selection_and_idempotence():
     _, saved_once = _loss_and_saved_bytes(model, ids)
     assert saved_once > 0
     assert apply_activation_checkpointing(_tiny(2), _cfg("none")) == []
+
+
+def _largest_mlp_activation(model, ids, intermediate: int):
+    """Loss and the most rows any saved ``[..., intermediate]`` activation has (weights excluded)."""
+    rows: list[int] = [0]
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.shape[-1:] == (intermediate,) and t.untyped_storage().data_ptr() not in weights:
+            rows.append(t.numel() // intermediate)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.item(), max(rows)
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_mlp_token_chunks_same_gradients_smaller_mlp_buffers(checkpointing):
+    """train.mlp_token_chunks: identical loss and gradients, names unchanged, the MLP's [tokens, intermediate]
+    buffers (the largest a layer saves) cut by the chunk count; composes with checkpointing."""
+    from parallel.activation import apply_mlp_token_chunks
+
+    c = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=512, vocab_size=128, head_dim=16)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(c, dtype=torch.float32)
+    tiled = copy.deepcopy(ref)
+    keys = list(tiled.state_dict())
+    assert apply_mlp_token_chunks(tiled, 4) == 2 and apply_mlp_token_chunks(tiled, 4) == 2  # idempotent: no nesting
+    assert apply_mlp_token_chunks(copy.deepcopy(ref), 1) == 0
+    if checkpointing != "none":
+        apply_activation_checkpointing(ref, _cfg(checkpointing))
+        apply_activation_checkpointing(tiled, _cfg(checkpointing))
+    ids = torch.randint(0, 128, (2, 63), generator=torch.Generator().manual_seed(3))  # 126 tokens: uneven slices
+    ref_loss, ref_rows = _largest_mlp_activation(ref, ids, 512)
+    loss, tiled_rows = _largest_mlp_activation(tiled, ids, 512)
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    for name, g in _grads(ref).items():
+        torch.testing.assert_close(_grads(tiled)[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert list(tiled.state_dict()) == keys
+    if checkpointing == "none":  # what autograd keeps of the MLP: [126, 512] before, slices of at most 32 rows after
+        assert ref_rows == 126 and 0 < tiled_rows <= 32
+
+
+def test_mlp_token_chunks_needs_an_mlp_submodule():
+    from parallel.activation import apply_mlp_token_chunks
+
+    model = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]))
+    with pytest.raises(ValueError, match="train.mlp_token_chunks=2 needs decoder layers with an `mlp`"):
+        apply_mlp_token_chunks(model, 2)

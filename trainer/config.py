@@ -69,13 +69,16 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective", "offload"] = "none"
     ac_every_k: int = 2  # selective: checkpoint every k-th decoder layer
     loss_chunk_size: int = 1024  # tokens per chunk of the chunked cross-entropy (0 = unchunked)
+    # each decoder MLP runs over its tokens in this many slices: its [tokens, intermediate] buffers
+    # (the largest of a layer's backward) shrink by this factor at the same FLOPs (ALST's TiledMLP idea)
+    mlp_token_chunks: int = 1
     log_every_n_steps: int = 1
     compile: bool = False
     # autocast: fp32 params, bf16 autocast | bf16_weights: bf16 params, fp32 masters in the optimizer (cast once per step)
     mixed_precision: Literal["autocast", "bf16_weights"] = "autocast"
 
     def check(self, cfg: "Config") -> None:
-        _positive(self, "train", ["max_steps", "micro_batch_size", "grad_accum", "seq_len", "ac_every_k"])
+        _positive(self, "train", ["max_steps", "micro_batch_size", "grad_accum", "seq_len", "ac_every_k", "mlp_token_chunks"])
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
         if len(self.betas) != 2:

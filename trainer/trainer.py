@@ -254,6 +254,10 @@ def _apply_precision(model: torch.nn.Module, cfg: Config) -> dict[int, torch.Ten
 
 def _apply_model_passes(model: torch.nn.Module, cfg: Config) -> None:
     """Passes that must run before the strategy shards the model (each is idempotent)."""
+    if cfg.train.mlp_token_chunks > 1:
+        from parallel.activation import apply_mlp_token_chunks
+
+        apply_mlp_token_chunks(model, cfg.train.mlp_token_chunks)
     if cfg.train.activation_checkpointing != "none":
         from parallel.activation import apply_activation_checkpointing
 
