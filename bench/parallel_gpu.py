@@ -52,7 +52,7 @@ def make_config(case: str, micro_batch: int, seq: int, smoke: bool):
         "lora": {"enabled": mode == "lora", "rank": 16},
         "parallel": {"strategy": strategy, "timeout_s": 300},
         "train": {"micro_batch_size": micro_batch, "grad_accum": 1, "seq_len": seq, "lr": 1e-4,
-                  "activation_checkpointing": "full", "loss_chunk_size": 0},
+                  "activation_checkpointing": "full"},
     })
     return validate(cfg)
 
@@ -76,6 +76,7 @@ def run_case(cfg, steps: int) -> dict:
     from parallel.base import build_strategy
     from trainer.memory import estimate_memory
     from trainer.models import build_model, model_config
+    from trainer.sft import lm_loss, output_head
 
     strategy = build_strategy(cfg)
     strategy.setup()
@@ -87,15 +88,18 @@ def run_case(cfg, steps: int) -> dict:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)  # the training peak; set-up transients are not estimated
     vocab, t = model_config(cfg.model).vocab_size, cfg.train
+    head = output_head(model)
+    positions = torch.arange(t.seq_len, device=device)[None]
     losses, times = [], []
     for step in range(steps):
         t0 = _now(on_gpu)
         ids = global_batch(step, strategy.rank, strategy.world_size, t.micro_batch_size, t.seq_len, vocab).to(device)
         normalizer = ids[:, 1:].numel() * strategy.world_size
+        batch = {"input_ids": ids, "labels": ids, "position_ids": positions.expand_as(ids)}
+        # the trainer's SFT loss (final hidden states, LM head chunk by chunk: fused linear + CE for a
+        # plain head, the checkpointed fallback for a sharded one), which is what the estimator models
         with strategy.no_sync(model, True), torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
-            logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum") / normalizer
-        del logits
+            loss = lm_loss(model, head, batch, t.loss_chunk_size).loss_sum / normalizer
         strategy.backward(loss, model)
         strategy.clip_grad_norm(model, 1.0)
         strategy.optimizer_step(model, opt)
