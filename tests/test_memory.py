@@ -70,6 +70,11 @@ def test_strategy_and_memory_option_ordering():
     assert total(train__optimizer="adamw_8bit") < total()
     assert total(parallel__strategy="zero3", parallel__offload="optimizer") < z3
     assert total(train__loss_chunk_size=0) > total(train__loss_chunk_size=1024)
+    # token-sliced MLP: the recomputed layer holds 1/4 of its [tokens, intermediate] buffers (bf16, 4.5 values each)
+    tokens = 4 * 512  # micro_batch_size x seq_len of the default config
+    sliced = total(train__activation_checkpointing="full", train__micro_batch_size=4, train__mlp_token_chunks=4)
+    whole = total(train__activation_checkpointing="full", train__micro_batch_size=4)
+    assert whole - sliced == pytest.approx(2 * 4.5 * 11008 * tokens * 3 / 4)
     lora = total(lora__enabled=True)
     qlora = total(lora__enabled=True, quant__load_in_4bit=True)
     assert ddp > lora > qlora

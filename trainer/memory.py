@@ -143,6 +143,10 @@ class ModelShape:
             return 4 * 4 * h + 2 * (9 * h + 2 * kv + 4.5 * i + extra)
         return 4 * (11 * h + 2 * kv + 4 * i + extra)
 
+    def mlp_bytes_per_token(self, mixed: bool) -> float:
+        """The MLP's ``[tokens, intermediate]`` share of ``activation_bytes_per_token``."""
+        return 2 * 4.5 * self.intermediate if mixed else 4 * 4 * self.intermediate
+
 
 def _sharding(strategy: str, grad_accum: int) -> tuple[bool, bool, bool]:
     """(weights, gradients, optimizer states) sharded over ranks?
@@ -273,7 +277,12 @@ def _activation_rows(cfg, shape: ModelShape, autocast: bool, lora: bool, act_byt
         notes.append(f"activation offload: {shape.layers * full_layer / GiB:.2f} GiB of activations in host memory")
     else:
         k = len(checkpointed_layer_indices(shape.layers, mode, cfg.train.ac_every_k))
-        act = (shape.layers - k) * full_layer + k * boundary + (full_layer if k else 0)  # + one recomputed layer
+        # + one recomputed layer, whose MLP works one token slice at a time under train.mlp_token_chunks
+        slices = cfg.train.mlp_token_chunks
+        recomputed = full_layer - shape.mlp_bytes_per_token(autocast) * tokens * (1 - 1 / slices)
+        if slices > 1:
+            notes.append(f"MLP over {slices} token slices: the recomputed layer holds 1/{slices} of its MLP buffers")
+        act = (shape.layers - k) * full_layer + k * boundary + (recomputed if k else 0)
     notes.append(f"activations in {'bf16' if act_bytes == 2 else 'fp32'}; SDPA uses a fused kernel (no T x T matrix kept)")
     chunk = cfg.train.loss_chunk_size
     logit_tokens = min(chunk, tokens) if chunk > 0 else tokens
