@@ -52,7 +52,8 @@ def make_config(case: str, micro_batch: int, seq: int, smoke: bool):
         "lora": {"enabled": mode == "lora", "rank": 16},
         "parallel": {"strategy": strategy, "timeout_s": 300},
         "train": {"micro_batch_size": micro_batch, "grad_accum": 1, "seq_len": seq, "lr": 1e-4,
-                  "activation_checkpointing": "full"},
+                  # smoke: 64 tokens per micro-batch, so a small chunk takes the chunked loss paths the GPU run takes
+                  "activation_checkpointing": "full", **({"loss_chunk_size": 16} if smoke else {})},
     })
     return validate(cfg)
 

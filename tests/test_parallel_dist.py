@@ -28,6 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_AT, GLOBAL_BATCH, SEQ, GRAD_ACCUM = 4, 2, 4, 24, 2
+LOSS_CHUNK = 8  # tokens per loss chunk: 23 trained tokens per row take three chunks
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,6 +57,8 @@ def batches(step: int, vocab: int) -> torch.Tensor:
 
 def train_steps(strategy, model, optimizer, steps: range, vocab: int, grad_norms: list | None = None) -> list[float]:
     """The Trainer's contract in miniature: loss sums / global normalizer, accumulation, clipping."""
+    from trainer.sft import lm_loss, output_head
+
     losses = []
     rank, world = strategy.rank, strategy.world_size
     for step in steps:
@@ -66,8 +69,10 @@ def train_steps(strategy, model, optimizer, steps: range, vocab: int, grad_norms
         total = torch.zeros(())
         for i, ids in enumerate(micro):
             with strategy.no_sync(model, is_last_micro_batch=i == len(micro) - 1):
-                logits = model(input_ids=ids).logits.float()
-                loss_sum = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+                # the trainer's SFT loss in chunks smaller than a micro-batch: the fused linear + CE, the
+                # checkpointed fallback for sharded heads and the gathered ZeRO-3 frozen head all run here
+                batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}
+                loss_sum = lm_loss(model, output_head(model), batch, LOSS_CHUNK).loss_sum
                 loss = loss_sum / normalizer
                 strategy.backward(loss, model)
                 total += loss.detach()

@@ -209,6 +209,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: Hea
     path (gradients in the forward, nothing recomputed); any other head (sharded, wrapped, hooked)
     the checkpointed one; without autograd the loss is just summed chunk by chunk.
     """
+    if torch.is_grad_enabled() and hidden.requires_grad and _zero3_frozen_linear(head):
+        return _fused_through_gathered_zero3_head(hidden, targets, head, chunk_size)
     if hidden.shape[0] == 0:  # a micro-batch with no trained token still has to join the graph (DDP expects grads)
         return hidden.sum() * 0.0
     wb = _plain_weight(head)
@@ -217,6 +219,29 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: Hea
     if wb is not None:
         return fused_linear_cross_entropy(hidden, targets, wb[0], wb[1], chunk_size)
     return checkpointed_cross_entropy(hidden, targets, head, chunk_size)
+
+
+def _zero3_frozen_linear(head: Head) -> bool:
+    """A ``nn.Linear`` head whose parameters DeepSpeed ZeRO-3 partitions and nothing trains (LoRA, frozen head)."""
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        return False
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    return all(hasattr(p, "ds_id") and not p.requires_grad for p in params)
+
+
+def _fused_through_gathered_zero3_head(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear, chunk_size: int) -> torch.Tensor:
+    """The fused linear + CE on a ZeRO-3 head gathered for the forward only.
+
+    The checkpointed fallback cannot serve a frozen ZeRO-3 head: its recompute runs inside the
+    backward, where DeepSpeed leaves a parameter that needs no gradient partitioned (``torch.Size([0])``),
+    and checkpoint rejects the mismatch. The fused path needs the weight only in the forward (a frozen
+    weight gets no gradient; the hidden-state gradient is taken there), so gathering it around the
+    call is enough. The gather is a collective: every rank calls it, even with no trained token.
+    """
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for p in (head.weight, head.bias) if p is not None]):
+        return fused_linear_cross_entropy(hidden, targets, head.weight, head.bias, chunk_size)
 
 
 def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: Head, chunk_size: int) -> tuple[torch.Tensor, int]:

@@ -289,7 +289,9 @@ def _activation_rows(cfg, shape: ModelShape, autocast: bool, lora: bool, act_byt
     per_chunk = f", {chunk} tokens per loss chunk" if chunk > 0 else ""
     # SFT with an unsharded LM head takes the fused linear + CE (trainer.losses): one chunk's logits
     # in the compute dtype and one fp32 buffer, plus the hidden-state gradient it keeps for backward
-    fused = cfg.train.method == "sft" and getattr(cfg.parallel, "strategy", "single") not in ("fsdp2", "zero3")
+    # (a frozen ZeRO-3 head, as under LoRA, is gathered for the fused forward: trainer.losses)
+    strategy = getattr(cfg.parallel, "strategy", "single")
+    fused = cfg.train.method == "sft" and (strategy not in ("fsdp2", "zero3") or (strategy == "zero3" and lora))
     if fused:
         notes.append("fused linear + cross-entropy: one chunk's logits and one fp32 buffer" + per_chunk)
         logits = logit_tokens * shape.vocab * (act_bytes + 4) + tokens * shape.hidden * act_bytes
