@@ -272,6 +272,7 @@ def _activation_rows(cfg, shape: ModelShape, autocast: bool, lora: bool, act_byt
     full_layer = shape.activation_bytes_per_token(autocast, lora) * tokens
     boundary = shape.hidden * tokens * act_bytes  # a checkpointed layer keeps only its input
     mode = cfg.train.activation_checkpointing
+    recomputed_now = 0.0  # a checkpointed layer being recomputed: exists in the backward only
     if mode == "offload":
         act = full_layer  # one layer in flight on the device, the rest in host memory
         notes.append(f"activation offload: {shape.layers * full_layer / GiB:.2f} GiB of activations in host memory")
@@ -282,7 +283,8 @@ def _activation_rows(cfg, shape: ModelShape, autocast: bool, lora: bool, act_byt
         recomputed = full_layer - shape.mlp_bytes_per_token(autocast) * tokens * (1 - 1 / slices)
         if slices > 1:
             notes.append(f"MLP over {slices} token slices: the recomputed layer holds 1/{slices} of its MLP buffers")
-        act = (shape.layers - k) * full_layer + k * boundary + (recomputed if k else 0)
+        recomputed_now = recomputed if k else 0.0
+        act = (shape.layers - k) * full_layer + k * boundary + recomputed_now
     notes.append(f"activations in {'bf16' if act_bytes == 2 else 'fp32'}; SDPA uses a fused kernel (no T x T matrix kept)")
     chunk = cfg.train.loss_chunk_size
     logit_tokens = min(chunk, tokens) if chunk > 0 else tokens
@@ -294,14 +296,20 @@ def _activation_rows(cfg, shape: ModelShape, autocast: bool, lora: bool, act_byt
     fused = cfg.train.method == "sft" and (strategy not in ("fsdp2", "zero3") or (strategy == "zero3" and lora))
     if fused:
         notes.append("fused linear + cross-entropy: one chunk's logits and one fp32 buffer" + per_chunk)
-        logits = logit_tokens * shape.vocab * (act_bytes + 4) + tokens * shape.hidden * act_bytes
+        transient = logit_tokens * shape.vocab * (act_bytes + 4)
+        kept = tokens * shape.hidden * act_bytes  # the hidden-state gradient, taken in the forward
         if not lora:  # a trainable head: its gradient (fp32 accumulator) is taken in the forward and kept until backward
-            logits += shape.vocab * shape.hidden * 4
+            kept += shape.vocab * shape.hidden * 4
     else:
         notes.append("logits in the compute dtype plus an fp32 upcast and its log-softmax" + per_chunk)
-        logits = logit_tokens * shape.vocab * (act_bytes + 8)
+        transient, kept = logit_tokens * shape.vocab * (act_bytes + 8), 0.0
+    if recomputed_now:
+        # the loss's logits live before the layers' backward starts, a recomputed layer only inside it:
+        # the two never coexist, so the peak takes the larger (the activations row holds the layer)
+        notes.append("loss logits and a recomputed layer are alive in different phases: the larger of the two counts")
+        transient = max(0.0, transient - recomputed_now)
     return [(f"activations ({mode}, {tokens} tokens/micro-batch)", act),
-            (f"logits + loss ({logit_tokens} tokens at once)", logits)]
+            (f"logits + loss ({logit_tokens} tokens at once)", kept + transient)]
 
 
 def _deepspeed_buffers(cfg, hf_config, shape: ModelShape, trainable: int, n: int, on_gpu: bool, mixed: bool):
