@@ -56,3 +56,18 @@ def test_torchrun_end_to_end(tiny_llama_dir, tmp_path):
     assert (out_dir / "final" / "adapter_model.safetensors").is_file()
     assert (out_dir / "checkpoints" / "step-000004" / "trainer_state.json").is_file()
     assert "lora:" in (out_dir / "config.yaml").read_text()
+
+
+def test_every_shipped_config_validates(tmp_path):
+    """Each recipe in configs/ loads (with its ``extends`` chain) and passes validation as shipped."""
+    from trainer.config import load_config
+
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"qlora.yaml", "qlora_gpu.yaml", "lora.yaml", "dpo.yaml", "grpo.yaml"}
+    for path in configs:
+        if path.name == "sweep.yaml":  # a W&B sweep definition, not a training config
+            continue
+        cfg = load_config([f"config={path}", f"output_dir={tmp_path / path.stem}"])
+        assert cfg.train.max_steps > 0, path.name
+    gpu = load_config([f"config={ROOT / 'configs' / 'qlora_gpu.yaml'}"])
+    assert gpu.train.compile and gpu.train.mlp_token_chunks == 4 and gpu.quant.load_in_4bit and gpu.precision == "bf16"
