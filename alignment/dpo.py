@@ -99,7 +99,9 @@ class DPOMethod(Method):
 
     def _collate(self, pairs: list, idx: list[int], ref: torch.Tensor | None) -> dict[str, Any]:
         docs = [d for i in idx for d in pairs[i].documents()]  # chosen, rejected, chosen, ...
-        batch = rows_from_documents(docs, self.cfg.train.seq_len, self.cfg.data.packing, self.pad_id)
+        t = self.cfg.train
+        static = (2 * len(idx), t.seq_len) if t.compile else None  # a chosen and a rejected row per pair at most
+        batch = rows_from_documents(docs, t.seq_len, self.cfg.data.packing, self.pad_id, static_shape=static)
         batch["lengths"] = torch.tensor([len(d.completion_ids) for d in docs])
         if ref is not None:
             batch["ref_logps"] = ref[idx].reshape(-1)

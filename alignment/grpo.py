@@ -142,7 +142,9 @@ class GRPOMethod(Method):
         advantages = rl.ADVANTAGES[g.advantage](reward, g.group_size, scale=g.scale_rewards)
 
         docs = [Document(list(p), list(c.token_ids)) for p, c in samples]
-        batch = rows_from_documents(docs, seq_len=max(map(len, docs)), packing=False, pad_id=self.tokenizer.pad_token_id or 0)
+        width = max(map(len, docs))
+        static = (len(docs), max(width, self.cfg.train.seq_len)) if self.cfg.train.compile else None  # one width: no recompiles
+        batch = rows_from_documents(docs, seq_len=width, packing=False, pad_id=self.tokenizer.pad_token_id or 0, static_shape=static)
         batch["mask"] = (batch["doc_index"] >= 0).float()
         batch["advantages"] = advantages
         if g.updates_per_batch > 1:  # ratios move off 1 only when the same samples see several steps

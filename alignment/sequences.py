@@ -35,14 +35,25 @@ class Document:
         return len(self.prompt_ids) + len(self.completion_ids)
 
 
-def rows_from_documents(docs: list[Document], seq_len: int, packing: bool, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``position_ids``, ``doc_index`` [R, T] with T the longest row (<= seq_len when packing)."""
+def rows_from_documents(docs: list[Document], seq_len: int, packing: bool, pad_id: int = 0,
+                        static_shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``position_ids``, ``doc_index`` [R, T] with T the longest row (<= seq_len when packing).
+
+    ``static_shape=(rows, width)`` pads the batch to exactly that shape (``train.compile``: compiled
+    layers then see one shape and never recompile); padding rows score nothing (``doc_index`` -1).
+    """
     rows = pack_bfd([len(d) for d in docs], seq_len) if packing else [[i] for i in range(len(docs))]
     rows.sort(key=min)  # deterministic row order: by first document
     width = max(sum(len(docs[i]) for i in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    doc_index = torch.full((len(rows), width), -1, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    n_rows = len(rows)
+    if static_shape is not None:
+        if n_rows > static_shape[0] or width > static_shape[1]:
+            raise ValueError(f"a batch of {n_rows} rows x {width} tokens does not fit the static shape {static_shape} "
+                             "(train.compile pads every batch to train.seq_len)")
+        n_rows, width = static_shape
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    doc_index = torch.full((n_rows, width), -1, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(n_rows, 1)  # padding rows: one "document" of pads, never scored
     for r, row in enumerate(rows):
         t = 0
         for i in sorted(row):

@@ -80,6 +80,27 @@ def test_packed_rows_score_each_document_as_if_alone(tiny_llama_dir):
     assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_static_shape_pads_rows_and_width_without_changing_any_document(tiny_llama_dir):
+    """train.compile's static batches: [rows, width] exactly, padding rows score nothing, every document's
+    log-prob unchanged; a batch that cannot fit is an error naming the shape."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    docs = [Document(torch.randint(5, 500, (int(p),), generator=g).tolist(), torch.randint(5, 500, (int(c),), generator=g).tolist())
+            for p, c in [(7, 3), (4, 9), (12, 2), (5, 5)]]
+    packed = rows_from_documents(docs, seq_len=40, packing=True)
+    static = rows_from_documents(docs, seq_len=40, packing=True, static_shape=(4, 40))
+    assert static["input_ids"].shape == (4, 40) and packed["input_ids"].shape[0] < 4
+    assert (static["doc_index"][packed["input_ids"].shape[0]:] == -1).all()  # padding rows: nothing scored
+    with torch.no_grad():
+        a = sum_by_document(token_logprobs(model, packed)[0], packed["doc_index"], len(docs))
+        b = sum_by_document(token_logprobs(model, static)[0], static["doc_index"], len(docs))
+    assert torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match=r"does not fit the static shape \(1, 40\)"):
+        rows_from_documents(docs, seq_len=40, packing=False, static_shape=(1, 40))
+
+
 # ---------------------------------------------------------------------------------------------
 # Method
 # ---------------------------------------------------------------------------------------------
@@ -120,3 +141,20 @@ def test_preference_accuracy_rises_on_builtin_pairs(tiny_llama_dir, tmp_path):
     train_acc = [r["accuracy"] for r in history if "accuracy" in r]
     assert sum(train_acc[-3:]) / 3 > sum(train_acc[:3]) / 3
     assert (tmp_path / "preference.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_compiled_runs_get_one_batch_shape(packing):
+    """Under train.compile every DPO micro-batch is [2 x micro_batch_size, seq_len], whatever its pairs' lengths."""
+    from alignment.dpo import DPOMethod
+    from alignment.pairs import Pair
+    from trainer.config import build_config
+
+    cfg = build_config({"train": {"method": "dpo", "compile": True, "micro_batch_size": 3, "seq_len": 64},
+                        "data": {"packing": packing}})
+    method = DPOMethod(cfg)
+    method.pad_id = 0
+    pairs = [Pair(list(range(5, 5 + p)), list(range(7, 7 + c)), list(range(9, 9 + r))) for p, c, r in
+             [(4, 2, 9), (10, 3, 3), (2, 20, 1), (6, 6, 6), (30, 5, 12), (3, 1, 1)]]
+    shapes = {tuple(method._collate(pairs, idx, None)["input_ids"].shape) for idx in ([0, 1, 2], [3, 4, 5], [5, 0, 2])}
+    assert shapes == {(6, 64)}
