@@ -12,7 +12,9 @@ Throughput = requested output tokens / wall time (prefill included), as in nano-
 transformers runs the SAME requests as static batches (sorted by prompt length, left-padded, at most
 ``--hf-batch-size`` per batch, each batch decoding to its longest request); ``generate(max_time=)``
 stops it at ``--hf-time-limit`` seconds, and the row (marked partial) counts the output tokens it
-produced (each request's, up to its requested length) over that time.
+produced (each request's, up to its requested length) over that time. transformers' own continuous
+batching (``init_continuous_batching``: paged KV cache, per-request ``max_new_tokens``) runs the same
+requests too (section ``hf_cb``), under the same time limit.
 Batch-1 decode vs the roofline (weight bytes read per decode step / measured device copy bandwidth),
 measured twice in the same engine, with the Triton GEMV (``engine.gemv``) on and off (cuBLAS):
 ``step`` is the whole engine step a user waits for (scheduling, input copy, graph replay with the
@@ -249,6 +251,49 @@ def run_transformers(model_dir: str, prompts, out_lens, args) -> dict:
             "padding_waste": 1 - useful / max(computed, 1)}
 
 
+def run_transformers_continuous(model_dir: str, prompts, out_lens, args) -> dict:
+    """transformers' own continuous batching (``model.init_continuous_batching()``: a paged KV cache and a
+    scheduler in a background thread, each request with its own ``max_new_tokens``) on the same requests.
+
+    Stopped at ``--hf-time-limit`` like the static side; a partial row counts finished requests only.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    # eos_token_id=-1: never matched (ignore_eos), so every request decodes exactly its requested length
+    config = GenerationConfig(do_sample=True, temperature=0.6, top_k=None, top_p=None, max_new_tokens=max(out_lens),
+                              eos_token_id=-1, pad_token_id=0)
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    start, done, useful = now(), 0, 0
+    try:
+        for i, (prompt, n) in enumerate(zip(prompts, out_lens)):
+            manager.add_request(list(prompt), request_id=f"r{i}", max_new_tokens=n)
+        deadline = start + args.hf_time_limit
+        while done < len(prompts) and now() < deadline:
+            result = manager.get_result(timeout=min(1.0, max(deadline - now(), 0.01)))
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError("transformers' continuous-batching thread stopped before finishing the requests")
+                continue
+            if result.is_finished():
+                done += 1
+                useful += len(result.generated_tokens)
+                if done % 32 == 0:
+                    print(f"  transformers continuous batching: {done}/{len(prompts)} requests done, {now() - start:.0f}s", flush=True)
+        seconds = now() - start
+    finally:
+        manager.stop(block=True, timeout=60, hard_stop=True)
+    del manager, model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"side": "transformers continuous batching", "requests": done, "output_tokens": useful, "seconds": seconds,
+            "tok_per_s": useful / seconds, "partial": done < len(prompts)}
+
+
 def main() -> int:
     p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--shapes", type=csv_list, default=["qwen3-0.6b", "llama-3.2-1b"])
@@ -259,12 +304,13 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--hf-batch-size", type=int, default=128)
     p.add_argument("--hf-time-limit", type=float, default=60.0, help="seconds per shape for the transformers side")
-    p.add_argument("--sections", type=csv_list, default=["throughput", "hf", "bs1"],
-                   help="what to run per shape: throughput (engine), hf (transformers), bs1 (decode vs roofline)")
+    p.add_argument("--sections", type=csv_list, default=["throughput", "hf", "hf_cb", "bs1"],
+                   help="what to run per shape: throughput (engine), hf (transformers static batches), "
+                        "hf_cb (transformers continuous batching), bs1 (decode vs roofline)")
     args = p.parse_args()
-    unknown = set(args.sections) - {"throughput", "hf", "bs1"}
+    unknown = set(args.sections) - {"throughput", "hf", "hf_cb", "bs1"}
     if unknown:
-        p.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose from throughput, hf, bs1")
+        p.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose from throughput, hf, hf_cb, bs1")
     if args.smoke:
         args.num_requests, args.min_len, args.max_len, args.shapes = 6, 4, 12, args.shapes[:1]
     import tempfile
@@ -282,24 +328,30 @@ def main() -> int:
             traceback.print_exc()
             engine_row = {"side": "crucible engine", "error": f"{type(e).__name__}: {e}"}
         rows.append({"shape": shape, **engine_row})
+        engine_at = len(rows) - 1
         save_results(args.out, "engine_throughput", args, rows)
-        if "hf" not in args.sections:
-            continue
-        print(f"[{shape}] transformers generate on the same requests", flush=True)
-        try:
-            hf_row = run_transformers(model_dir, prompts, out_lens, args)
-        except Exception as e:
-            traceback.print_exc()
-            hf_row = {"side": "transformers generate", "error": f"{type(e).__name__}: {e}"}
-        rows.append({"shape": shape, **hf_row})
-        if "tok_per_s" in engine_row and "tok_per_s" in hf_row:
-            rows[-2]["speedup_vs_hf"] = engine_row["tok_per_s"] / hf_row["tok_per_s"]
-        save_results(args.out, "engine_throughput", args, rows)
+        baselines = [("hf", "transformers generate", run_transformers, "speedup_vs_hf"),
+                     ("hf_cb", "transformers continuous batching", run_transformers_continuous, "speedup_vs_hf_cb")]
+        for section, side, run, ratio_key in baselines:
+            if section not in args.sections:
+                continue
+            print(f"[{shape}] {side} on the same requests", flush=True)
+            try:
+                hf_row = run(model_dir, prompts, out_lens, args)
+            except Exception as e:
+                traceback.print_exc()
+                hf_row = {"side": side, "error": f"{type(e).__name__}: {e}"}
+            rows.append({"shape": shape, **hf_row})
+            if "tok_per_s" in engine_row and hf_row.get("tok_per_s"):
+                rows[engine_at][ratio_key] = engine_row["tok_per_s"] / hf_row["tok_per_s"]
+            save_results(args.out, "engine_throughput", args, rows)
     print_table("engine throughput (256 requests, in/out U[100,1024], ignore_eos)", rows, [
         ("shape", "shape"), ("side", "side"), ("requests", "requests"), ("output_tokens", "out tokens"), ("seconds", "s"),
-        ("tok_per_s", "out tok/s"), ("speedup_vs_hf", "x HF"), ("preemptions", "preempt"), ("error", "error"),
+        ("tok_per_s", "out tok/s"), ("speedup_vs_hf", "x HF static"), ("speedup_vs_hf_cb", "x HF cont. batching"),
+        ("preemptions", "preempt"), ("error", "error"),
     ], notes=["targets (H100): qwen3-0.6b >= 11,000 out tok/s and >= 10x transformers",
-              "transformers: static sorted batches; 'partial' rows stopped at --hf-time-limit (tokens produced by then / time)"])
+              "transformers: static sorted batches; 'partial' rows stopped at --hf-time-limit (tokens produced by then / time)",
+              "transformers continuous batching: init_continuous_batching(), per-request lengths; a partial row counts finished requests"])
     bs1_rows = [r for r in rows if "roofline_ms" in r]
     if bs1_rows:
         print_table("batch-1 decode vs roofline (weight bytes / copy bandwidth): Triton GEMV vs cuBLAS", bs1_rows, [

@@ -207,3 +207,18 @@ def test_fp8_curves_are_judged_against_the_bf16_reseed_noise_band():
     assert not rows["fp8-rowwise"]["curves_match"] and not rows["fp8-rowwise"]["target_met"]  # 1.40x but 30% off
     alone = {r["case"]: r for r in fp8_gpu.compare({"bf16": run(bf16, 100.0), "fp8-tensorwise": run(close, 130.0)})}
     assert alone["fp8-tensorwise"]["gap_tolerance"] == fp8_gpu.CURVE_TOLERANCE  # no reseed run: the fixed tolerance
+
+
+def test_engine_throughput_smoke_runs_both_transformers_baselines(tmp_path):
+    """The engine and transformers' static and continuous-batching sides decode exactly the requested tokens."""
+    out = tmp_path / "engine.json"
+    proc = _run([sys.executable, "bench/engine_throughput.py", "--smoke", "--sections", "throughput,hf,hf_cb", "--out", str(out),
+                 "--workdir", str(tmp_path / "w")], timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["side"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"crucible engine", "transformers generate", "transformers continuous batching"}
+    requested = rows["crucible engine"]["output_tokens"]
+    for side, r in rows.items():
+        assert "error" not in r, (side, r.get("error"))
+        assert r["requests"] == 6 and r["output_tokens"] == requested and not r.get("partial"), side
+    assert rows["crucible engine"]["speedup_vs_hf_cb"] > 0
