@@ -98,7 +98,7 @@ def write_batches(path: Path, micro_batch: int, seq: int, batches: int) -> int:
 def run_recipe(cfg, batches, steps: int, accum: int, profile: bool = False) -> dict:
     import torch
 
-    from bench.common import OpProfiler
+    from bench.profiling import OpProfiler
     from parallel.base import build_strategy
     from trainer.models import build_model
     from trainer.precision import autocast_context

@@ -150,7 +150,7 @@ def offline_throughput(engine, prompts: list[list[int]], adapter_ids: list[int],
 def profiled_pass(engine, prompts: list[list[int]], adapter_ids: list[int], case: str, console) -> dict:
     """torch.profiler over a short run of the same workload (after the timed one): the top kernels and
     how much of the wall time the GPU was busy (a low share means the host is the bottleneck)."""
-    from bench.common import OpProfiler
+    from bench.profiling import OpProfiler
 
     profiler = OpProfiler(top=12)
     profiler.start()
