@@ -222,6 +222,18 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def release_memory() -> None:
+    """Return the memory of models/engines the caller has already ``del``-ed to the device (a helper
+    taking the object as an argument cannot free it: the caller's name still holds it)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def now() -> float:
     """A timestamp after all queued GPU work has finished."""
     synchronize()

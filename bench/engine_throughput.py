@@ -23,7 +23,6 @@ LM head and argmax, token read, stop checks; the next replay is queued before a 
 """
 from __future__ import annotations
 
-import gc
 import random
 import statistics
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SHAPES, bench_parser, csv_list, fmt, hf_config, now, print_table, save_results  # noqa: E402
+from bench.common import SHAPES, bench_parser, csv_list, fmt, hf_config, now, print_table, release_memory, save_results  # noqa: E402
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             intermediate_size=128, vocab_size=1000)
@@ -88,8 +87,6 @@ def weight_bytes(model) -> int:
 
 
 def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
-    import torch
-
     from engine import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -112,9 +109,7 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
         print("  bs1 decode vs roofline", flush=True)
         row.update(decode_roofline(llm, 20 if args.smoke else 200))
     del llm
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
     return row
 
 
@@ -212,12 +207,19 @@ def replay_profile(engine, replays: int = 20, top: int = 8) -> list[dict]:
     return kernels
 
 
-def run_transformers(model_dir: str, prompts, out_lens, args) -> dict:
+def _hf_model(model_dir: str):
+    """The transformers baselines' model: bf16, on the GPU when there is one, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval(), device
+
+
+def run_transformers(model_dir: str, prompts, out_lens, args) -> dict:
+    import torch
+
+    model, device = _hf_model(model_dir)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     done_requests, useful, computed = 0, 0, 0
     start = now()
@@ -243,9 +245,7 @@ def run_transformers(model_dir: str, prompts, out_lens, args) -> dict:
         print(f"  transformers: {done_requests}/{len(prompts)} requests done, {now() - start:.0f}s", flush=True)
     seconds = now() - start
     del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
     return {"side": "transformers generate", "requests": done_requests, "output_tokens": useful, "seconds": seconds,
             "tok_per_s": useful / seconds, "partial": done_requests < len(prompts),
             "padding_waste": 1 - useful / max(computed, 1)}
@@ -257,11 +257,9 @@ def run_transformers_continuous(model_dir: str, prompts, out_lens, args) -> dict
 
     Stopped at ``--hf-time-limit`` like the static side; a partial row counts finished requests only.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    model, _ = _hf_model(model_dir)
     # eos_token_id=-1: never matched (ignore_eos), so every request decodes exactly its requested length
     config = GenerationConfig(do_sample=True, temperature=0.6, top_k=None, top_p=None, max_new_tokens=max(out_lens),
                               eos_token_id=-1, pad_token_id=0)
@@ -287,9 +285,7 @@ def run_transformers_continuous(model_dir: str, prompts, out_lens, args) -> dict
     finally:
         manager.stop(block=True, timeout=60, hard_stop=True)
     del manager, model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
     return {"side": "transformers continuous batching", "requests": done, "output_tokens": useful, "seconds": seconds,
             "tok_per_s": useful / seconds, "partial": done < len(prompts)}
 

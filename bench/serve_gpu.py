@@ -23,6 +23,7 @@ import importlib.util
 import json
 import random
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
-from bench.common import bench_parser, csv_list, print_table, save_results, synchronize  # noqa: E402
+from bench.common import bench_parser, csv_list, print_table, release_memory, save_results, synchronize  # noqa: E402
 
 QWEN3_06B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                  intermediate_size=3072, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -160,20 +161,6 @@ def profiled_pass(engine, prompts: list[list[int]], adapter_ids: list[int], case
     return {"case": case, "top_ops": top, **profiler.totals}
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-def release() -> None:
-    """Return the memory of engines the caller has already ``del``-ed (a helper taking the engine as
-    an argument cannot free it: the caller's name still holds it)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def offline(args, model: str, adapters: dict[str, str], engine_options: dict, rows: list[dict], console) -> dict:
     """Base and multi-LoRA throughput, measured in interleaved rounds (base, 1, 8, 32 adapters; again ...).
 
@@ -206,16 +193,16 @@ def offline(args, model: str, adapters: dict[str, str], engine_options: dict, ro
             prompts = fresh_prompts()
             gc.collect()  # not inside a timed run
             samples[case].append(offline_throughput(engine, prompts, mix, args.output_len)[0])
-    base_tps = median(samples["base"])
+    base_tps = statistics.median(samples["base"])
     rows.append({"case": "offline base", "out_tok_per_s": base_tps, "vs_base": 1.0, "samples": samples["base"]})
     console.print(f"base: {base_tps:,.0f} output tok/s (rounds: {', '.join(f'{t:,.0f}' for t in samples['base'])})")
     for n in args.adapter_counts:
         ratios = [t / b for t, b in zip(samples[n], samples["base"])]
-        ratio = median(ratios)
-        rows.append({"case": f"offline {n} adapters", "out_tok_per_s": median(samples[n]), "vs_base": ratio,
+        ratio = statistics.median(ratios)
+        rows.append({"case": f"offline {n} adapters", "out_tok_per_s": statistics.median(samples[n]), "vs_base": ratio,
                      "ratio_min": min(ratios), "ratio_max": max(ratios), "samples": samples[n],
                      "target": f">= {TARGET_RATIO}x", "met": ratio >= TARGET_RATIO})
-        console.print(f"{n} adapters: {median(samples[n]):,.0f} output tok/s ({ratio:.2f}x base; per round "
+        console.print(f"{n} adapters: {statistics.median(samples[n]):,.0f} output tok/s ({ratio:.2f}x base; per round "
                       f"{', '.join(f'{r:.2f}' for r in ratios)})")
     profiles = []
     if args.profile:
@@ -231,7 +218,7 @@ def offline(args, model: str, adapters: dict[str, str], engine_options: dict, ro
     lora.runner.graphs = graphs
     has_graphs = bool(graphs)
     del base, lora, graphs, cases
-    release()
+    release_memory()
     return {"graph_equals_eager": graphed == eager if has_graphs else None, "profiles": profiles}
 
 

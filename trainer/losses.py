@@ -63,6 +63,11 @@ def cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head: Head) -
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def _is_linear_class(head: Head) -> bool:
+    """An ``nn.Linear`` whose class keeps Linear's own forward (not PEFT's or bitsandbytes' subclasses)."""
+    return isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
+
+
 def _plain_weight(head: Head) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(weight, bias)`` when ``head`` is a plain ``nn.Linear`` the fused path may bypass, else None.
 
@@ -71,7 +76,7 @@ def _plain_weight(head: Head) -> tuple[torch.Tensor, torch.Tensor | None] | None
     instance-level ``forward`` (accelerate hooks), forward hooks or pre-hooks (ZeRO-3 gathers,
     user hooks), DTensor weights (FSDP2) and DeepSpeed ZeRO-3 partitioned parameters (``ds_id``).
     """
-    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+    if not _is_linear_class(head):
         return None
     if "forward" in vars(head) or head._forward_hooks or head._forward_pre_hooks:
         return None
@@ -223,7 +228,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: Hea
 
 def _zero3_frozen_linear(head: Head) -> bool:
     """A ``nn.Linear`` head whose parameters DeepSpeed ZeRO-3 partitions and nothing trains (LoRA, frozen head)."""
-    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+    if not _is_linear_class(head):
         return False
     params = [p for p in (head.weight, head.bias) if p is not None]
     return all(hasattr(p, "ds_id") and not p.requires_grad for p in params)

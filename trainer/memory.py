@@ -278,12 +278,11 @@ def _activation_rows(cfg, shape: ModelShape, autocast: bool, lora: bool, act_byt
         notes.append(f"activation offload: {shape.layers * full_layer / GiB:.2f} GiB of activations in host memory")
     else:
         k = len(checkpointed_layer_indices(shape.layers, mode, cfg.train.ac_every_k))
-        # + one recomputed layer, whose MLP works one token slice at a time under train.mlp_token_chunks
         slices = cfg.train.mlp_token_chunks
-        recomputed = full_layer - shape.mlp_bytes_per_token(autocast) * tokens * (1 - 1 / slices)
-        if slices > 1:
-            notes.append(f"MLP over {slices} token slices: the recomputed layer holds 1/{slices} of its MLP buffers")
-        recomputed_now = recomputed if k else 0.0
+        if k:  # + one recomputed layer, whose MLP works one token slice at a time under train.mlp_token_chunks
+            recomputed_now = full_layer - shape.mlp_bytes_per_token(autocast) * tokens * (1 - 1 / slices)
+            if slices > 1:
+                notes.append(f"MLP over {slices} token slices: the recomputed layer holds 1/{slices} of its MLP buffers")
         act = (shape.layers - k) * full_layer + k * boundary + recomputed_now
     notes.append(f"activations in {'bf16' if act_bytes == 2 else 'fp32'}; SDPA uses a fused kernel (no T x T matrix kept)")
     chunk = cfg.train.loss_chunk_size
