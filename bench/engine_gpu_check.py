@@ -141,7 +141,7 @@ def build_model(out: Path, smoke: bool) -> str:
     return str(out)
 
 
-def parity_checks(model_dir: str, device: str, smoke: bool, launch_ahead: bool = True) -> list[dict]:
+def parity_checks(model_dir: str, device: str, smoke: bool, launch_ahead: bool = True, decode_steps: int = 8) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -153,7 +153,7 @@ def parity_checks(model_dir: str, device: str, smoke: bool, launch_ahead: bool =
     prompts = [[rng.randrange(vocab) for _ in range(length)] for _ in range(n_prompts)]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     options = dict(skip_tokenizer_init=True, max_model_len=2048, gpu_memory_utilization=0.3, num_blocks=512,
-                   launch_ahead=launch_ahead)
+                   launch_ahead=launch_ahead, decode_steps=decode_steps)
 
     greedy = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     llm = LLM(model_dir, dtype=dtype, **options)
@@ -162,6 +162,9 @@ def parity_checks(model_dir: str, device: str, smoke: bool, launch_ahead: bool =
     engine_greedy = [o.outputs[0].token_ids for o in outs]
     small = small_batch_greedy(llm, prompts, greedy)  # batches of 1 and 4: the GEMV paths (<= 8 rows)
     gemv_projections = sum(r["choice"] != "cublas" for r in llm.engine.runner.gemv_tuning)
+    llm.engine.config.decode_steps = 1  # the same engine and graphs, one token per engine step
+    single = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] + small_batch_greedy(llm, prompts, greedy)
+    multi_match = sum(a == b for a, b in zip(engine_greedy + small, single)) / len(single)
     del llm
     eager = LLM(model_dir, dtype=dtype, enforce_eager=True, **options)
     eager_greedy = [o.outputs[0].token_ids for o in eager.generate(prompts, greedy)]
@@ -221,6 +224,8 @@ def parity_checks(model_dir: str, device: str, smoke: bool, launch_ahead: bool =
          "ok": small_graph_match == 1.0},
         {"check": "  batches of 1 and 4 (GEMV), engine vs transformers", "value": small_hf_match, "target": ">= 0.95",
          "ok": small_hf_match >= 0.95},
+        {"check": f"greedy, {decode_steps} decode steps per engine step vs 1 (all + batches of 1, 4)", "value": multi_match,
+         "target": "1.0", "ok": multi_match == 1.0},
         {"check": "  (projection groups x batch buckets using the GEMV)", "value": float(gemv_projections), "target": "-", "ok": None},
     ]
 
@@ -238,6 +243,7 @@ def main() -> int:
     p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--no-launch-ahead", action="store_true", help="engine.launch_ahead=false (no chained/ahead decode launches)")
     p.add_argument("--parity-only", action="store_true", help="skip the kernel and GEMV micro-checks")
+    p.add_argument("--decode-steps", type=int, default=8, help="engine.decode_steps of the engines checked (1: no multi-step)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
@@ -255,7 +261,7 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="engine-check-"))
     try:
         model_dir = build_model(workdir / "qwen3-0.6b", args.smoke)
-        rows += parity_checks(model_dir, device, args.smoke, launch_ahead=not args.no_launch_ahead)
+        rows += parity_checks(model_dir, device, args.smoke, launch_ahead=not args.no_launch_ahead, decode_steps=args.decode_steps)
     except Exception as e:
         traceback.print_exc()
         rows.append({"check": "parity", "error": f"{type(e).__name__}: {e}", "ok": False})

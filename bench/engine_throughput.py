@@ -16,15 +16,15 @@ produced (each request's, up to its requested length) over that time. transforme
 batching (``init_continuous_batching``: paged KV cache, per-request ``max_new_tokens``) runs the same
 requests too (section ``hf_cb``), under the same time limit.
 Batch-1 decode vs the roofline (weight bytes read per decode step / measured device copy bandwidth),
-measured twice in the same engine, with the Triton GEMV (``engine.gemv``) on and off (cuBLAS):
-``step`` is the whole engine step a user waits for (scheduling, input copy, graph replay with the
-LM head and argmax, token read, stop checks; the next replay is queued before a step returns),
-``replay`` the GPU time of one graph replay alone; then the replay's top kernels (GEMV on).
+measured in one engine under several settings (``VARIANTS``: the defaults; one decode step per engine
+step; the Triton GEMV off, i.e. cuBLAS): ``step`` is the wall time per generated token a user waits
+for (scheduling, input copy, graph replays with the LM head and argmax, token read, stop checks;
+with ``engine.decode_steps`` an engine step yields several tokens), ``replay`` the GPU time of one
+decode graph replay alone; then the replay's top kernels (defaults).
 """
 from __future__ import annotations
 
 import random
-import statistics
 import sys
 import time
 import traceback
@@ -113,10 +113,14 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
     return row
 
 
+# bs1 settings measured side by side in one engine: (name, engine.gemv, engine.decode_steps or None = default)
+VARIANTS = (("default", True, None), ("1 step", True, 1), ("cublas", False, None))
+
+
 def decode_roofline(llm, steps: int = 200) -> dict:
-    """Batch-1 decode against the roofline, with the Triton GEMV on and off (cuBLAS) in one process:
-    ``step_ms_*`` is the whole engine step a user waits for (median over ``steps`` greedy steps),
-    ``replay_ms_*`` the GPU time of one graph replay; plus the replay's kernel profile (GEMV on)."""
+    """Batch-1 decode against the roofline under each of ``VARIANTS`` in one process: ``step_ms_<v>``
+    is the wall time per generated token (``steps`` greedy tokens), ``replay_ms_<v>`` the GPU time of
+    one graph replay; plus the replay's kernel profile with the defaults."""
     engine = llm.engine
     runner = engine.runner
     nbytes = weight_bytes(runner.model)
@@ -124,14 +128,19 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     roofline = nbytes / bandwidth
     row = {"weight_gb": nbytes / 1e9, "copy_bw_gb_s": bandwidth / 1e9, "roofline_ms": roofline * 1e3}
     on_gpu = engine.device.type == "cuda"
-    for variant, gemv_on in ((("gemv", True), ("cublas", False)) if on_gpu else (("cublas", False),)):
+    default_steps = engine.config.decode_steps
+    for variant, gemv_on, decode_steps in VARIANTS:
+        if not on_gpu and not gemv_on:
+            continue  # no GEMV on CPU: the same as the defaults
         if on_gpu:
             runner.set_gemv(gemv_on)  # recaptures the decode graphs
-        step, replay = bs1_step_seconds(engine, steps), graph_replay_seconds(engine)
+        engine.config.decode_steps = decode_steps or default_steps
+        step, replay = bs1_token_seconds(engine, steps), graph_replay_seconds(engine)
         row.update({f"step_ms_{variant}": step * 1e3, f"replay_ms_{variant}": replay * 1e3,
                     f"step_x_roofline_{variant}": step / roofline, f"replay_x_roofline_{variant}": replay / roofline})
-        print(f"  bs1 {variant}: step {step * 1e3:.3f} ms, replay {replay * 1e3:.3f} ms, roofline {roofline * 1e3:.3f} ms",
+        print(f"  bs1 {variant}: {step * 1e3:.3f} ms per token, replay {replay * 1e3:.3f} ms, roofline {roofline * 1e3:.3f} ms",
               flush=True)
+    engine.config.decode_steps = default_steps
     if on_gpu:
         runner.set_gemv(True)
         row["replay_profile"] = replay_profile(engine)
@@ -140,35 +149,39 @@ def decode_roofline(llm, steps: int = 200) -> dict:
                     runner.gemv_tuning, [("n", "N"), ("k", "K"), ("prologue", "prologue"), ("rows", "rows"),
                                          ("layers", "layers"), ("cublas_us", "cuBLAS us"), ("best_us", "best us"),
                                          ("choice", "choice")])
-    best = "gemv" if on_gpu else "cublas"
-    row.update(decode_step_ms=row[f"step_ms_{best}"], forward_ms=row[f"replay_ms_{best}"],
-               x_roofline_engine_step=row[f"step_x_roofline_{best}"], x_roofline=row[f"replay_x_roofline_{best}"])
+    row.update(decode_step_ms=row["step_ms_default"], forward_ms=row["replay_ms_default"],
+               x_roofline_engine_step=row["step_x_roofline_default"], x_roofline=row["replay_x_roofline_default"])
     return row
 
 
-def bs1_step_seconds(engine, steps: int) -> float:
-    """Median whole engine step of one greedy request (schedule, input copy, replay, token read, stop checks)."""
+def bs1_token_seconds(engine, tokens: int) -> float:
+    """Wall time per generated token of one greedy request, steady state (after its first 10 tokens):
+    everything between tokens a user waits for, however many tokens an engine step yields."""
     from engine import SamplingParams
 
-    engine.add_request(list(range(1, 129)), SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True), "bs1")
-    times = []
+    engine.add_request(list(range(1, 129)), SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True), "bs1")
+    seq = engine.requests["bs1"].seqs[0]
+    seconds, made = 0.0, 0
     while engine.has_unfinished():
+        before = seq.num_output_tokens
         start = now()
         engine.step()
-        times.append(now() - start)
+        if before >= 10:
+            seconds += now() - start
+            made += seq.num_output_tokens - before
     engine.output("bs1")
-    return statistics.median(times[10:] or times)
+    return seconds / max(made, 1)
 
 
 def graph_replay_seconds(engine, reps: int = 200) -> float:
-    """GPU time of one batch-1 decode graph replay (decoder stack + LM head + argmax), back to back:
-    the device-side floor of a decode step, without the host's share."""
+    """GPU time of one batch-1 decode graph replay (decoder stack + LM head + argmax + input advance),
+    back to back over a 256-token context, storing nothing: the device-side floor of a decode token."""
     import torch
 
     runner = engine.runner
     if 1 not in runner.graphs:  # CPU smoke run or enforce_eager: no graphs
         return float("nan")
-    graph = runner.graphs[1]
+    graph = runner.dry_replay_graph(1, 256)
     for _ in range(10):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -185,9 +198,10 @@ def replay_profile(engine, replays: int = 20, top: int = 8) -> list[dict]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    graph = engine.runner.dry_replay_graph(1, 256)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
-            engine.runner.graphs[1].replay()
+            graph.replay()
         torch.cuda.synchronize()
     kernels = []
     for event in prof.key_averages():
@@ -255,7 +269,7 @@ def run_transformers_continuous(model_dir: str, prompts, out_lens, args) -> dict
     """transformers' own continuous batching (``model.init_continuous_batching()``: a paged KV cache and a
     scheduler in a background thread, each request with its own ``max_new_tokens``) on the same requests.
 
-    Stopped at ``--hf-time-limit`` like the static side; a partial row counts finished requests only.
+    Stopped at ``--hf-time-limit`` like the static side; a partial row counts the tokens of finished and running requests.
     """
     from transformers import GenerationConfig
 
@@ -264,6 +278,8 @@ def run_transformers_continuous(model_dir: str, prompts, out_lens, args) -> dict
     config = GenerationConfig(do_sample=True, temperature=0.6, top_k=None, top_p=None, max_new_tokens=max(out_lens),
                               eos_token_id=-1, pad_token_id=0)
     manager = model.init_continuous_batching(generation_config=config)
+    if hasattr(manager, "warmup"):  # its CUDA graphs are captured before the clock starts, as our engine's are
+        manager.warmup()
     manager.start()
     start, done, useful = now(), 0, 0
     try:
@@ -282,12 +298,25 @@ def run_transformers_continuous(model_dir: str, prompts, out_lens, args) -> dict
                 if done % 32 == 0:
                     print(f"  transformers continuous batching: {done}/{len(prompts)} requests done, {now() - start:.0f}s", flush=True)
         seconds = now() - start
+        in_flight = _in_flight_tokens(manager) if done < len(prompts) else 0
     finally:
         manager.stop(block=True, timeout=60, hard_stop=True)
     del manager, model
     release_memory()
+    useful += in_flight
     return {"side": "transformers continuous batching", "requests": done, "output_tokens": useful, "seconds": seconds,
-            "tok_per_s": useful / seconds, "partial": done < len(prompts)}
+            "tok_per_s": useful / seconds, "partial": done < len(prompts), "in_flight_tokens": in_flight}
+
+
+def _in_flight_tokens(manager) -> int:
+    """Tokens transformers' continuous batching has generated for requests still running at the deadline
+    (counted too, so a partial row is not biased against long requests). Reads its scheduler's state
+    from our thread: a snapshot, off by at most the step in flight."""
+    scheduler = getattr(getattr(manager, "batch_processor", None), "scheduler", None)
+    active = getattr(scheduler, "active_requests", None)
+    if not active:
+        return 0
+    return sum(len(getattr(state, "generated_tokens", None) or []) for state in list(active.values()))
 
 
 def main() -> int:
@@ -347,16 +376,20 @@ def main() -> int:
         ("preemptions", "preempt"), ("error", "error"),
     ], notes=["targets (H100): qwen3-0.6b >= 11,000 out tok/s and >= 10x transformers",
               "transformers: static sorted batches; 'partial' rows stopped at --hf-time-limit (tokens produced by then / time)",
-              "transformers continuous batching: init_continuous_batching(), per-request lengths; a partial row counts finished requests"])
+              "transformers continuous batching: init_continuous_batching(), per-request lengths; a partial row counts finished requests and the tokens of running ones"])
     bs1_rows = [r for r in rows if "roofline_ms" in r]
     if bs1_rows:
-        print_table("batch-1 decode vs roofline (weight bytes / copy bandwidth): Triton GEMV vs cuBLAS", bs1_rows, [
-            ("shape", "shape"), ("weight_gb", "weights GB"), ("roofline_ms", "roofline ms"),
-            ("step_ms_gemv", "step ms GEMV"), ("step_ms_cublas", "step ms cuBLAS"),
-            ("replay_ms_gemv", "replay ms GEMV"), ("replay_ms_cublas", "replay ms cuBLAS"),
-            ("step_x_roofline_gemv", "step x roofline GEMV"), ("step_x_roofline_cublas", "step x roofline cuBLAS"),
+        variant_rows = [{"shape": r["shape"], "variant": v, "roofline_ms": r["roofline_ms"], "step_ms": r.get(f"step_ms_{v}"),
+                         "replay_ms": r.get(f"replay_ms_{v}"), "step_x": r.get(f"step_x_roofline_{v}"),
+                         "replay_x": r.get(f"replay_x_roofline_{v}")}
+                        for r in bs1_rows for v, _, _ in VARIANTS if f"step_ms_{v}" in r]
+        print_table("batch-1 decode vs roofline (weight bytes / copy bandwidth)", variant_rows, [
+            ("shape", "shape"), ("variant", "variant"), ("roofline_ms", "roofline ms"), ("step_ms", "ms / token"),
+            ("replay_ms", "replay ms"), ("step_x", "token x roofline"), ("replay_x", "replay x roofline"),
         ], notes=["target (H100): bs1 decode step <= 1.3x roofline",
-                  "step: whole engine step (schedule, copy, replay incl. LM head + argmax, token read); replay: GPU time alone"])
+                  "ms / token: wall time per generated token (engine steps incl. scheduling, copies, replays, token read); "
+                  "replay: GPU time of one decode graph alone",
+                  "variants: default = engine defaults; 1 step = engine.decode_steps=1; cublas = engine.gemv=false"])
     for row in rows:
         if row.get("partial"):
             print(f"note: {row['shape']} transformers side is partial ({row['requests']} requests)")

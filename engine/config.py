@@ -19,6 +19,10 @@ class EngineConfig:
     enforce_eager: bool = False  # GPU: skip CUDA-graph capture of decode steps
     gemv: bool = True  # GPU: Triton GEMV for projections at <= 8 rows (tuned against cuBLAS at start-up)
     launch_ahead: bool = True  # GPU graphs: queue the next decode step before step() returns (hides host time)
+    # greedy decode steps run back to back on the device per engine step, each feeding its argmax to the
+    # next, tokens read once at the end (vLLM's multi-step scheduling): the host's share of a step is
+    # paid once per decode_steps tokens. Only when every running sequence is plain greedy and nothing waits.
+    decode_steps: int = 8
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)
     attention_backend: str = "auto"  # auto (triton on GPU, torch on CPU) | torch | triton
     adapter: str | None = None  # eval: PEFT adapter dir merged into the base weights at load time
@@ -29,7 +33,8 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters kept loaded in CPU memory (LRU) beyond the slots; None = every registered one
 
     def check(self, cfg) -> None:
-        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank",
+                     "decode_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"engine.{name} must be > 0 (got {getattr(self, name)})")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -13,7 +13,7 @@ from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampler import sample, top_logprobs
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -127,6 +127,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("the scheduler could not schedule any sequence (KV cache too small for the waiting prompt)")
+        steps = self._plan_decode_steps(batch.seqs) if batch.is_decode else 1
+        if steps > 1:
+            return self._multi_step_decode(batch, steps)
         hidden = self.runner.forward(batch)
         sample_seqs, sample_rows, prompt_jobs = [], [], []
         row = 0
@@ -153,16 +156,62 @@ class LLMEngine:
         self._launch_ahead()
         return sorted({s.request_id for s in batch.seqs})
 
+    def _multi_step_decode(self, batch: Batch, steps: int) -> list[str]:
+        """``steps`` greedy decode steps of the batch in one go (``engine.decode_steps``): the runner
+        feeds each step's argmax to the next on the device; here every step is accounted for in order,
+        as ``steps`` single steps would be. A sequence that stops at step i ignores the rest (their K/V
+        went to positions past its end, in its own blocks, which it frees)."""
+        tokens = self.runner.decode_steps(batch.seqs, steps).tolist()
+        for step_tokens in tokens:
+            live = [(seq, token) for seq, token in zip(batch.seqs, step_tokens) if not seq.is_finished]
+            self.scheduler.advance(Batch([seq for seq, _ in live], [1] * len(live)))
+            for seq, token in live:
+                seq.token_ids.append(token)
+                self._check_stop(seq, token)
+        self._launch_ahead()
+        return sorted({s.request_id for s in batch.seqs})
+
+    def _plan_decode_steps(self, seqs: list[Sequence]) -> int:
+        """How many greedy steps the decode of ``seqs`` runs back to back (1: an ordinary step), with the
+        blocks for all of them allocated. More than one only when every sequence is plain greedy (the
+        device's argmax is its token), nothing waits to be admitted (it would wait the extra steps),
+        and the free blocks cover every sequence's next positions; never past the longest remaining
+        ``max_tokens`` or any sequence's ``max_model_len``."""
+        sched = self.scheduler
+        if self.config.decode_steps <= 1 or sched.waiting or not all(self._plain_greedy(s) and not s.forks for s in seqs):
+            return 1
+        steps = min(self.config.decode_steps, self.runner.max_decode_steps,
+                    max(s.params.max_tokens - s.num_output_tokens for s in seqs),
+                    min(self.max_model_len - len(s) + 1 for s in seqs))  # positions up to len + steps - 2
+        bm = sched.block_manager
+        need = sum(max(0, s.num_blocks_for(len(s) + steps - 1) - len(s.block_table)) for s in seqs)
+        if steps <= 1 or need > bm.num_free_blocks:
+            return 1
+        for s in seqs:
+            bm.allocate(s, len(s) + steps - 1)
+        return steps
+
+    @staticmethod
+    def _plain_greedy(seq: Sequence) -> bool:
+        """The sequence's next token is the argmax of its logits: greedy, no penalties or logprobs,
+        past ``min_tokens`` (no EOS masking), no prompt logprobs still to compute."""
+        p = seq.params
+        return (p.greedy and not p.needs_penalties and p.logprobs is None and seq.num_output_tokens >= p.min_tokens
+                and not seq.wants_prompt_logprobs)
+
     def _launch_ahead(self) -> None:
         """When the next step is sure to be a decode of exactly the running sequences (nothing waits
         to be admitted, every running sequence has its one new token), queue its replay now: the GPU
-        runs it while the caller reads outputs and the scheduler prepares the same batch."""
+        runs it while the caller reads outputs and the scheduler prepares the same batch. A multi-step
+        decode's blocks are allocated first, so the queued replay carries the complete block tables."""
         sched = self.scheduler
         if sched.waiting or not sched.running:
             return
         seqs = list(sched.running)
         if any(s.num_uncomputed_tokens != 1 or s.wants_prompt_logprobs for s in seqs):
             return
+        if self.runner.graphs:
+            self._plan_decode_steps(seqs)
         self.runner.launch_ahead(seqs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seq: Sequence, row: int, start: int, end: int) -> None:
@@ -197,8 +246,7 @@ class LLMEngine:
     def _device_greedy_tokens(self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list[int] | None:
         """Greedy tokens a replayed decode graph already took (its argmax): one read, the step's only
         sync. None when a row needs the sampler (non-greedy, penalties, min_tokens masking)."""
-        if not all(s.params.greedy and not s.params.needs_penalties and s.num_output_tokens >= s.params.min_tokens
-                   for s in seqs):
+        if not all(self._plain_greedy(s) for s in seqs):
             return None
         tokens = self.runner.greedy_tokens(hidden, rows)
         return None if tokens is None else tokens.tolist()

@@ -8,7 +8,9 @@ a graph covers the whole decoder stack, the LM head and the greedy argmax, and i
 one host-to-device copy from a pinned staging buffer, so a decode step costs one copy, one replay and
 one device-to-host read of the tokens. ``launch_ahead`` queues the next step's replay while the host
 still finishes the current one (the engine calls it once the tokens are known), so the host's
-scheduling and bookkeeping overlap the GPU's work instead of leaving it idle.
+scheduling and bookkeeping overlap the GPU's work instead of leaving it idle. Each graph ends by moving
+its inputs on to the next position (engine/kernels/decode_advance.py), so ``decode_steps`` replays
+the same graph k times back to back for k greedy tokens and one read.
 
 On CUDA, projections at <= 8 rows run a Triton GEMV (``engine.gemv``) whose config per projection
 group was timed against cuBLAS at start-up (engine/kernels/gemv_tuning.py).
@@ -60,6 +62,7 @@ class ModelRunner:
         self.graph_buckets = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs] if b <= max_bs})
         self._graph_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, logits) of the last replay
         self._ahead: tuple | None = None  # (sequences, lengths) of a replay queued by launch_ahead
+        self.max_decode_steps = max(config.decode_steps, 1)  # depth of the graphs' token history
         if device.type == "cuda" and not config.enforce_eager and self.backend == "triton":
             self._capture_decode_graphs()
 
@@ -237,22 +240,83 @@ class ModelRunner:
         self._ahead = _decode_key(seqs)
         return True
 
+    # ---------------------------------------------------------------- multi-step decode
+    @torch.inference_mode()
+    def decode_steps(self, seqs: list, k: int) -> torch.Tensor:
+        """Greedy tokens [k, len(seqs)] of k decode steps of ``seqs``, each step's argmax the next one's
+        input, with no host work between steps. Every sequence must have blocks for its next k
+        positions (the engine allocates them). On CUDA graphs: one input copy (or the replay
+        ``launch_ahead`` queued) and k replays; otherwise k eager forwards, tokens kept on the device."""
+        if not 1 <= k <= self.max_decode_steps:
+            raise ValueError(f"decode_steps: k={k} is outside [1, {self.max_decode_steps}]")
+        self._graph_logits = None
+        ahead, self._ahead = self._ahead, None
+        n = len(seqs)
+        if self.graphs and n <= self.graph_buckets[-1]:
+            bucket = next(b for b in self.graph_buckets if b >= n)
+            if ahead is None or ahead != _decode_key(seqs):
+                self._replay(seqs)  # step 1 (else launch_ahead already queued it)
+            for _ in range(k - 1):  # each replay starts from the inputs the previous one advanced
+                self.graphs[bucket].replay()
+            return self.g_hist[:k, :n]
+        bs = self.block_size
+        ids = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long, device=self.device)
+        adapters = [s.adapter_id for s in seqs]
+        tokens = []
+        for step in range(k):
+            positions = [len(s) - 1 + step for s in seqs]
+            slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+            ctx = self._context(slots, [s.block_table for s in seqs], [1] * n, [p + 1 for p in positions], True)
+            if self.lora is not None:
+                ctx.adapter_ids = self.lora.token_slots(adapters, [1] * n, self.device)
+            set_context(ctx)
+            try:
+                hidden = self.model(ids, torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True))
+            finally:
+                set_context(None)
+            ids = self.model.compute_logits(hidden).argmax(-1)
+            tokens.append(ids)
+        return torch.stack(tokens)
+
+    @torch.inference_mode()
+    def dry_replay_graph(self, batch_size: int, context_len: int) -> torch.cuda.CUDAGraph:
+        """For benchmarks: set the graph inputs to ``batch_size`` rows that attend over ``context_len``
+        cached tokens (block 0 repeated) but store nothing and never advance (slot -1), and return the
+        bucket's graph, so timing loops can replay it any number of times without touching the cache."""
+        self._ahead = None
+        bucket = next(b for b in self.graph_buckets if b >= batch_size)
+        vec, tables = self.h_vec, self.h_tables
+        self.copy_done.synchronize()
+        vec[:, :bucket] = 0
+        vec[1, :batch_size], vec[2, :bucket], vec[3, :bucket] = context_len - 1, -1, -1
+        vec[4, :batch_size] = context_len
+        tables[:bucket] = 0
+        used = 6 * tables.shape[0] + bucket * tables.shape[1]
+        self.g_buf[:used].copy_(self.h_buf[:used], non_blocking=True)
+        self.copy_done.record()
+        return self.graphs[bucket]
+
     # ---------------------------------------------------------------- CUDA graphs
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
+        from engine.kernels.decode_advance import advance_decode_inputs
+
         max_bs, width = self.graph_buckets[-1], self.max_blocks_per_seq
         # One int64 buffer holds every graph input (ids | positions | slots | adapter slots | context
-        # lengths | block tables), mirrored by a pinned host buffer: a step is a single H2D copy.
-        self.g_buf = torch.zeros(5 * max_bs + max_bs * width, dtype=torch.long, device=self.device)
+        # lengths | step counter (first entry of its row) | block tables), mirrored by a pinned host
+        # buffer: a step is a single H2D copy.
+        self.g_buf = torch.zeros(6 * max_bs + max_bs * width, dtype=torch.long, device=self.device)
         self.h_buf = torch.zeros_like(self.g_buf, device="cpu").pin_memory()
         self.h_np = self.h_buf.numpy()
-        self.h_vec = self.h_np[:5 * max_bs].reshape(5, max_bs)
-        self.h_tables = self.h_np[5 * max_bs:].reshape(max_bs, width)
-        ids, pos, slots, adapter, lens = self.g_buf[:5 * max_bs].view(5, max_bs)
-        tables = self.g_buf[5 * max_bs:].view(max_bs, width)
+        self.h_vec = self.h_np[:6 * max_bs].reshape(6, max_bs)
+        self.h_tables = self.h_np[6 * max_bs:].reshape(max_bs, width)
+        ids, pos, slots, adapter, lens, counter = self.g_buf[:6 * max_bs].view(6, max_bs)
+        counter = counter[:1]
+        tables = self.g_buf[6 * max_bs:].view(max_bs, width)
         self.g_out = torch.zeros(max_bs, self.args.hidden_size, dtype=self.dtype, device=self.device)
         self.g_logits = torch.zeros(max_bs, self.args.vocab_size, dtype=torch.float32, device=self.device)
         self.g_tokens = torch.zeros(max_bs, dtype=torch.long, device=self.device)
+        self.g_hist = torch.zeros(self.max_decode_steps, max_bs, dtype=torch.long, device=self.device)
         self.copy_done = torch.cuda.Event()  # the last staging copy: the host waits on it before rewriting h_buf
         slots.fill_(-1)
         adapter.fill_(-1)
@@ -262,12 +326,18 @@ class ModelRunner:
                           1, True, self.backend, adapter_ids=adapter[:b] if self.lora is not None else None,
                           decode_splits=self._decode_splits(b))
             set_context(ctx)
-            self.g_out[:b] = self.model(ids[:b], pos[:b])  # warm-up (Triton autotune/compile)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
+
+            def step():
                 self.g_out[:b] = self.model(ids[:b], pos[:b])
                 self.g_logits[:b] = self.model.compute_logits(self.g_out[:b])
                 self.g_tokens[:b] = self.g_logits[:b].argmax(-1)  # greedy on device: the host reads only tokens
+                advance_decode_inputs(ids[:b], pos[:b], slots[:b], lens[:b], tables[:b], self.g_tokens[:b], self.g_hist,
+                                      counter, self.block_size)
+
+            step()  # warm-up (Triton compiles); padding rows (slot -1) do not advance
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                step()
             pool = graph.pool() if pool is None else pool
             self.graphs[b] = graph
             set_context(None)
@@ -278,7 +348,7 @@ class ModelRunner:
         n = len(seqs)
         bucket = next(b for b in self.graph_buckets if b >= n)
         vec, tables, bs = self.h_vec, self.h_tables, self.block_size
-        ids, pos, slots, adapter, lens = vec
+        ids, pos, slots, adapter, lens, counter = vec
         self.copy_done.synchronize()  # a launch_ahead copy may still be reading the staging buffer
         for i, seq in enumerate(seqs):
             p = len(seq) - 1
@@ -289,7 +359,8 @@ class ModelRunner:
             if self.lora is not None:
                 adapter[i] = self.lora.slot_by_id[seq.adapter_id] if seq.adapter_id else -1
         slots[n:bucket], lens[n:bucket], adapter[n:bucket] = -1, 0, -1  # padding rows: no store, no attention
-        used = 5 * tables.shape[0] + bucket * tables.shape[1]
+        counter[0] = 0  # this replay's tokens go to history row 0
+        used = 6 * tables.shape[0] + bucket * tables.shape[1]
         self.g_buf[:used].copy_(self.h_buf[:used], non_blocking=True)
         self.copy_done.record()
         self.graphs[bucket].replay()

@@ -45,8 +45,37 @@ def assert_no_leaks(llm: LLM) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama_dir, prompts) -> list[list[int]]:
-    llm = make(tiny_llama_dir)
+    llm = make(tiny_llama_dir, decode_steps=1)  # one token per engine step: the plain path
     return tokens(llm.generate(prompts, GREEDY))
+
+
+def test_multi_step_decode_changes_nothing(tiny_llama_dir, prompts, reference):
+    """engine.decode_steps runs several greedy steps per engine step; every stop condition still cuts
+    at the same token, the K/V it wrote past a stop never reaches the prefix cache, and no block leaks."""
+    llm = make(tiny_llama_dir, decode_steps=5, enable_prefix_caching=True, max_model_len=48)
+    single = make(tiny_llama_dir, decode_steps=1, enable_prefix_caching=True, max_model_len=48)
+    assert tokens(make(tiny_llama_dir, decode_steps=5).generate(prompts, GREEDY)) == reference
+    assert tokens(llm.generate(prompts, GREEDY)) == tokens(single.generate(prompts, GREEDY))  # some cut at max_model_len
+    steps = []
+    llm.engine.runner.decode_steps = lambda seqs, k, run=llm.engine.runner.decode_steps: steps.append(k) or run(seqs, k)
+    free = tokens(single.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)))
+    stops = [t[6] for t in free]  # stop tokens that land inside a multi-step run
+    cases = [
+        [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (1, 2, 7, 13)],  # lengths across runs
+        [SamplingParams(temperature=0.0, max_tokens=13, stop_token_ids=[s]) for s in stops],
+        [SamplingParams(temperature=0.0, max_tokens=13, min_tokens=9, stop_token_ids=[s]) for s in stops],
+        [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)] * 4,  # some hit max_model_len=48
+        # one sampled request in the batch: ordinary steps until it finishes, multi-step after
+        [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 3 + [SamplingParams(temperature=1.0, max_tokens=3, seed=1)],
+    ]
+    for params in cases:
+        for _ in range(2):  # the second pass starts from prefixes the first one cached
+            got, want = llm.generate(prompts[:4], params), single.generate(prompts[:4], params)
+            assert [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in got] == \
+                   [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in want]
+    assert max(steps) == 5 and min(steps) < 5  # runs were cut short by max_tokens / max_model_len
+    assert llm.stats()["prefix_hits"] > 0
+    assert_no_leaks(llm)
 
 
 def test_prefix_caching_changes_nothing_and_hits(tiny_llama_dir, prompts, reference):
@@ -149,10 +178,14 @@ def test_logprobs_report_chosen_and_top_tokens(tiny_llama_dir, prompts):
 
 
 def test_streaming_yields_growing_outputs(tiny_llama_dir, prompts):
-    llm = make(tiny_llama_dir)
-    seen = [out.outputs[0].token_ids for out in llm.stream([prompts[3]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))]
+    llm = make(tiny_llama_dir, decode_steps=1)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    seen = [out.outputs[0].token_ids for out in llm.stream([prompts[3]], params)]
     assert [len(s) for s in seen] == [1, 2, 3, 4, 5, 6]
-    assert seen[-1] == tokens(llm.generate([prompts[3]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)))[0]
+    assert seen[-1] == tokens(llm.generate([prompts[3]], params))[0]
+    # multi-step decoding streams each engine step's tokens together: the prefill's token, then the other five
+    chunked = [out.outputs[0].token_ids for out in make(tiny_llama_dir, decode_steps=8).stream([prompts[3]], params)]
+    assert chunked == [seen[0], seen[-1]]
     stream = llm.stream([prompts[3]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
     next(stream)
     stream.close()  # a client that goes away: its request is aborted and its blocks freed
