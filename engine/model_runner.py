@@ -299,6 +299,7 @@ class ModelRunner:
     # ---------------------------------------------------------------- CUDA graphs
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
+        from engine.kernels.argmax import Argmax
         from engine.kernels.decode_advance import advance_decode_inputs
 
         max_bs, width = self.graph_buckets[-1], self.max_blocks_per_seq
@@ -317,6 +318,7 @@ class ModelRunner:
         self.g_logits = torch.zeros(max_bs, self.args.vocab_size, dtype=torch.float32, device=self.device)
         self.g_tokens = torch.zeros(max_bs, dtype=torch.long, device=self.device)
         self.g_hist = torch.zeros(self.max_decode_steps, max_bs, dtype=torch.long, device=self.device)
+        argmax = Argmax(max_bs, self.args.vocab_size, self.device)
         self.copy_done = torch.cuda.Event()  # the last staging copy: the host waits on it before rewriting h_buf
         slots.fill_(-1)
         adapter.fill_(-1)
@@ -330,7 +332,7 @@ class ModelRunner:
             def step():
                 self.g_out[:b] = self.model(ids[:b], pos[:b])
                 self.g_logits[:b] = self.model.compute_logits(self.g_out[:b])
-                self.g_tokens[:b] = self.g_logits[:b].argmax(-1)  # greedy on device: the host reads only tokens
+                argmax(self.g_logits[:b], self.g_tokens[:b])  # greedy on device: the host reads only tokens
                 advance_decode_inputs(ids[:b], pos[:b], slots[:b], lens[:b], tables[:b], self.g_tokens[:b], self.g_hist,
                                       counter, self.block_size)
 

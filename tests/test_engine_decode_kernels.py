@@ -1,5 +1,6 @@
-"""The device-side advance that chains CUDA-graph decode steps (engine/kernels/decode_advance.py), run
-on CPU through the Triton interpreter (in a fresh process: the interpreter is chosen at import)."""
+"""The kernels that end a CUDA-graph decode step — the greedy argmax (engine/kernels/argmax.py) and the
+device-side advance that chains steps (engine/kernels/decode_advance.py) — run on CPU through the
+Triton interpreter (each check in a fresh process: the interpreter is chosen at import)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def check() -> None:
+def check_argmax() -> None:
+    import torch
+
+    from engine.kernels.argmax import CHUNK, Argmax
+
+    vocab = 2 * CHUNK + 37  # a partial last chunk
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, vocab, generator=g)
+    logits[1, 7] = logits[1, CHUNK + 3] = logits[1, 2 * CHUNK + 5] = 50.0  # ties across chunks: the first wins
+    logits[2, 100] = logits[2, 101] = 60.0  # ties inside a chunk
+    logits[3] = float("-inf")
+    logits[3, vocab - 1] = 0.0  # the maximum in the partial chunk
+    logits[4, :] = 1.0  # all equal: index 0
+    argmax = Argmax(8, vocab, logits.device)
+    out = torch.full((5,), -1, dtype=torch.long)
+    assert argmax(logits, out).tolist() == logits.argmax(-1).tolist() == [logits[0].argmax().item(), 7, 100, vocab - 1, 0]
+    out3 = torch.full((3,), -1, dtype=torch.long)
+    assert argmax(logits[2:], out3).tolist() == [100, vocab - 1, 0]  # a row slice, as a graph's bucket is
+
+
+def check_advance() -> None:
     import torch
 
     from engine.kernels.decode_advance import advance_decode_inputs
@@ -43,13 +64,19 @@ def check() -> None:
     assert slots.tolist() == [11 * 4 + 0, 21 * 4 + 2, -1, -1, 32 * 4 + 3]
 
 
-def test_advance_moves_live_rows_and_records_tokens():
+CHECKS = {"argmax": check_argmax, "advance": check_advance}
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_decode_graph_kernel(check):
+    """argmax: torch's first-maximum index for every row (ties within and across chunks, -inf rows);
+    advance: live rows move to their next position and slot, padding and dry-run rows stay put."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, __file__, check], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    check()
+    CHECKS[sys.argv[1]]()
