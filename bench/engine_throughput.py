@@ -113,8 +113,9 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
     return row
 
 
-# bs1 settings measured side by side in one engine: (name, engine.gemv, engine.decode_steps or None = default)
-VARIANTS = (("default", True, None), ("1 step", True, 1), ("cublas", False, None))
+# bs1 settings measured side by side in one engine: (name, changes from the engine defaults); GPU-only
+# switches (gemv, pdl) go through ModelRunner.set_kernels, decode_steps through the engine config
+VARIANTS = (("default", {}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}))
 
 
 def decode_roofline(llm, steps: int = 200) -> dict:
@@ -129,12 +130,13 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     row = {"weight_gb": nbytes / 1e9, "copy_bw_gb_s": bandwidth / 1e9, "roofline_ms": roofline * 1e3}
     on_gpu = engine.device.type == "cuda"
     default_steps = engine.config.decode_steps
-    for variant, gemv_on, decode_steps in VARIANTS:
-        if not on_gpu and not gemv_on:
-            continue  # no GEMV on CPU: the same as the defaults
+    for variant, changes in VARIANTS:
+        kernels = {key: changes.get(key, True) for key in ("gemv", "pdl")}
+        if not on_gpu and changes.keys() & kernels.keys():
+            continue  # no GEMV or PDL on CPU: the same as the defaults
         if on_gpu:
-            runner.set_gemv(gemv_on)  # recaptures the decode graphs
-        engine.config.decode_steps = decode_steps or default_steps
+            runner.set_kernels(**kernels)  # recaptures the decode graphs
+        engine.config.decode_steps = changes.get("decode_steps", default_steps)
         step, replay = bs1_token_seconds(engine, steps), graph_replay_seconds(engine)
         row.update({f"step_ms_{variant}": step * 1e3, f"replay_ms_{variant}": replay * 1e3,
                     f"step_x_roofline_{variant}": step / roofline, f"replay_x_roofline_{variant}": replay / roofline})
@@ -142,7 +144,7 @@ def decode_roofline(llm, steps: int = 200) -> dict:
               flush=True)
     engine.config.decode_steps = default_steps
     if on_gpu:
-        runner.set_gemv(True)
+        runner.set_kernels(gemv=True, pdl=True)
         row["replay_profile"] = replay_profile(engine)
         row["gemv_choices"] = runner.gemv_tuning
         print_table("GEMV choice per projection group (timed at start-up, all layers' weights in one CUDA graph)",
@@ -382,14 +384,15 @@ def main() -> int:
         variant_rows = [{"shape": r["shape"], "variant": v, "roofline_ms": r["roofline_ms"], "step_ms": r.get(f"step_ms_{v}"),
                          "replay_ms": r.get(f"replay_ms_{v}"), "step_x": r.get(f"step_x_roofline_{v}"),
                          "replay_x": r.get(f"replay_x_roofline_{v}")}
-                        for r in bs1_rows for v, _, _ in VARIANTS if f"step_ms_{v}" in r]
+                        for r in bs1_rows for v, _ in VARIANTS if f"step_ms_{v}" in r]
         print_table("batch-1 decode vs roofline (weight bytes / copy bandwidth)", variant_rows, [
             ("shape", "shape"), ("variant", "variant"), ("roofline_ms", "roofline ms"), ("step_ms", "ms / token"),
             ("replay_ms", "replay ms"), ("step_x", "token x roofline"), ("replay_x", "replay x roofline"),
         ], notes=["target (H100): bs1 decode step <= 1.3x roofline",
                   "ms / token: wall time per generated token (engine steps incl. scheduling, copies, replays, token read); "
                   "replay: GPU time of one decode graph alone",
-                  "variants: default = engine defaults; 1 step = engine.decode_steps=1; cublas = engine.gemv=false"])
+                  "variants: default = engine defaults; 1 step = engine.decode_steps=1; no PDL = engine.pdl=false; "
+                  "cublas = engine.gemv=false"])
     for row in rows:
         if row.get("partial"):
             print(f"note: {row['shape']} transformers side is partial ({row['requests']} requests)")

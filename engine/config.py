@@ -18,6 +18,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True  # split long prompts across steps, mixed with decodes
     enforce_eager: bool = False  # GPU: skip CUDA-graph capture of decode steps
     gemv: bool = True  # GPU: Triton GEMV for projections at <= 8 rows (tuned against cuBLAS at start-up)
+    pdl: bool = True  # GPU (Hopper+): programmatic dependent launch of the decode-path Triton kernels (engine/kernels)
     launch_ahead: bool = True  # GPU graphs: queue the next decode step before step() returns (hides host time)
     # greedy decode steps run back to back on the device per engine step, each feeding its argmax to the
     # next, tokens read once at the end (vLLM's multi-step scheduling): the host's share of a step is

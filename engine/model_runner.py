@@ -46,6 +46,10 @@ class ModelRunner:
         if config.adapter:
             merge_lora_adapter(self.model, config.adapter)
         self.model.eval()
+        if device.type == "cuda":
+            from engine.kernels import set_pdl
+
+            set_pdl(config.pdl)  # process-wide, read at every launch: set before tuning and capture
         if device.type == "cuda" and not config.enforce_eager:
             compile_fused_ops(self.model)
         self.gemv_tuning: list[dict] = []  # one row per (projection group, batch bucket): the timed choice
@@ -74,14 +78,20 @@ class ModelRunner:
         self.gemv_tuning = plan(self.model.projections(), self.device)
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
 
-    def set_gemv(self, enabled: bool) -> None:
-        """Switch the Triton GEMV on or off (benchmarks A/B it in one process); recaptures the graphs."""
-        if enabled and not self._gemv_plans:
-            if self.device.type != "cuda":
-                raise RuntimeError("the Triton GEMV runs on CUDA only")
+    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None) -> None:
+        """Switch the Triton GEMV and/or PDL on or off (benchmarks A/B them in one process); recaptures
+        the graphs, which keep the kernels and launch attributes they were captured with."""
+        if self.device.type != "cuda":
+            raise RuntimeError("the Triton GEMV and PDL run on CUDA only")
+        if pdl is not None:
+            from engine.kernels import set_pdl
+
+            set_pdl(pdl)
+        if gemv and not self._gemv_plans:
             self._plan_gemv()
-        for linear, gemv_plan in self._gemv_plans.items():
-            linear.gemv = gemv_plan if enabled else None
+        if gemv is not None:
+            for linear, gemv_plan in self._gemv_plans.items():
+                linear.gemv = gemv_plan if gemv else None
         if self.graphs:
             self.graphs.clear()
             self._ahead = None
