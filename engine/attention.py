@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.context import Context, get_context
+from engine.layers import RMSNorm, RotaryEmbedding
 
 
 def store_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -50,6 +51,9 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 class PagedAttention(nn.Module):
+    """A layer's attention from its fused qkv projection's output: (Qwen3: per-head RMSNorm of q and
+    k,) RoPE, the new K/V into the paged cache, then each query over its sequence's cache."""
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
@@ -57,16 +61,28 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, q_norm: RMSNorm | None = None,
+                k_norm: RMSNorm | None = None) -> torch.Tensor:
+        """qkv: [T, (heads + 2 * kv_heads) * D] -> [T, heads, D]; ``q_norm``/``k_norm``: Qwen3's."""
         ctx = get_context()
         if ctx.backend == "triton":
             from engine.kernels import paged_attention as kernels
+            from engine.kernels.rope_kv import rope_store_kv
 
-            kernels.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            # one kernel: norm + RoPE of q and k, and k, v into the cache
+            norm = (q_norm.weight, k_norm.weight, q_norm.eps) if q_norm is not None else (None, None, 0.0)
+            q = rope_store_kv(qkv, positions, rope.cos, rope.sin, *norm, self.k_cache, self.v_cache, ctx.slot_mapping,
+                              self.num_heads, self.num_kv_heads)
             if ctx.is_decode:
                 return kernels.decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
                                                 ctx.decode_splits)
             return kernels.prefill_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens,
                                              ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k, q_norm, k_norm)  # Qwen3 normalizes each head before RoPE
         store_kv_torch(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         return paged_attention_torch(q, self.k_cache, self.v_cache, ctx, self.scale)

@@ -103,8 +103,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def apply_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
                eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q, k [T, heads, D]; with ``q_weight``/``k_weight``, Qwen3's per-head RMSNorm first
-    (one fused kernel for norm + rotary on GPU)."""
+    """RoPE on q, k [T, heads, D]; with ``q_weight``/``k_weight``, Qwen3's per-head RMSNorm first.
+    The torch backend's path (torch.compile'd on CUDA) and the reference of the Triton backend's
+    fused norm + RoPE + KV-store kernel (engine/kernels/rope_kv.py), which rounds alike."""
     if q_weight is not None:
         q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
     cos = cos_table[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D], cast like HF before multiplying
@@ -184,6 +185,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         freqs = torch.arange(max_positions).float()[:, None] * rope_inv_freq(head_dim, theta, scaling)[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)  # fp32 table, like HF's per-call computation
+        # [max_positions, head_dim] fp32, read directly by the Triton backend's fused RoPE kernel
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
         self.fn = apply_rope

@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from engine.attention import PagedAttention
 from engine.layers import Linear, RMSNorm, RotaryEmbedding, SiluAndMul, act_linear, norm_linear
+
+if TYPE_CHECKING:  # the runtime import is local to projections(): it imports Triton, the CUDA path only
+    from engine.kernels.gemv_tuning import Projection
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -88,10 +92,9 @@ class ModelArgs:
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        self.qkv_proj = Linear(a.hidden_size, self.q_size + 2 * self.kv_size, a.qkv_bias, [self.q_size, self.kv_size, self.kv_size])
-        self.o_proj = Linear(self.q_size, a.hidden_size, a.o_bias)
+        q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.qkv_proj = Linear(a.hidden_size, q_size + 2 * kv_size, a.qkv_bias, [q_size, kv_size, kv_size])
+        self.o_proj = Linear(q_size, a.hidden_size, a.o_bias)
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.attn = PagedAttention(a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)
@@ -101,12 +104,8 @@ class Attention(nn.Module):
         """(attention output, residual stream): ``norm`` is the layer's input norm, applied to
         ``h + residual`` (fused into the qkv projection where it can be)."""
         qkv, residual = norm_linear(norm, self.qkv_proj, h, residual)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k, self.q_norm, self.k_norm)  # Qwen3 normalizes each head before RoPE
-        return self.o_proj(self.attn(q, k, v).flatten(1)), residual
+        out = self.attn(qkv, positions, rope, self.q_norm, self.k_norm)  # q/k norm, RoPE, KV store, attention
+        return self.o_proj(out.flatten(1)), residual
 
 
 class MLP(nn.Module):

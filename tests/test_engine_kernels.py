@@ -82,6 +82,44 @@ def check_store() -> None:
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+def check_rope_kv() -> None:
+    """The fused q/k norm + RoPE + KV-store kernel equals apply_rope + store_kv_torch in fp32: with and
+    without Qwen3's q/k norm, a llama3-scaled table, a head_dim whose half is not a power of two,
+    padded rows (slot -1) leaving the caches untouched, and qkv rows with a wider stride."""
+    import torch
+
+    from engine.attention import store_kv_torch
+    from engine.kernels import pdl_supported, use_pdl
+    from engine.kernels.rope_kv import rope_store_kv
+    from engine.layers import RotaryEmbedding, apply_rope
+
+    assert not pdl_supported("cpu") and not use_pdl("cpu")  # the interpreter path never uses PDL
+    llama3 = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    g = torch.Generator().manual_seed(0)
+    for heads, kv_heads, head_dim, scaling, qk_norm in ((4, 2, 16, None, True), (4, 2, 16, llama3, False),
+                                                        (6, 3, 24, None, True), (2, 2, 8, llama3, True)):
+        rope = RotaryEmbedding(head_dim, 512, 10_000.0, scaling)
+        width = (heads + 2 * kv_heads) * head_dim
+        qkv = torch.randn(7, width + 5, generator=g)[:, :width]  # row stride != width
+        positions = torch.tensor([3, 0, 511, 77, 200, 1, 300])
+        slots = torch.tensor([5, -1, 17, 0, -1, 30, 9])
+        norm_w = [torch.randn(head_dim, generator=g) if qk_norm else None for _ in range(2)]
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        expected_q, expected_k = apply_rope(positions, q.reshape(7, heads, head_dim), k.reshape(7, kv_heads, head_dim),
+                                            rope.cos, rope.sin, *norm_w, 1e-6)
+        caches = torch.randn(4, 8, 4, kv_heads, head_dim, generator=g)  # expected k, v; got k, v ([blocks=8, block_size=4])
+        caches[2:] = caches[:2]
+        store_kv_torch(expected_k, v.reshape(7, kv_heads, head_dim), caches[0], caches[1], slots)
+        got_q = rope_store_kv(qkv, positions, rope.cos, rope.sin, *norm_w, 1e-6, caches[2], caches[3], slots, heads, kv_heads)
+        case = f"heads {heads}/{kv_heads} head_dim {head_dim} scaling {scaling is not None} qk_norm {qk_norm}"
+        if qk_norm:  # the sum of squares may add in another order than torch's reduction
+            torch.testing.assert_close(got_q, expected_q, rtol=1e-6, atol=1e-6, msg=lambda m: f"{case}: {m}")
+            torch.testing.assert_close(caches[2], caches[0], rtol=1e-6, atol=1e-6, msg=lambda m: f"{case}: {m}")
+        else:  # no reduction: every op rounds as torch's
+            assert torch.equal(got_q, expected_q) and torch.equal(caches[2], caches[0]), case
+        assert torch.equal(caches[3], caches[1]), case  # v: copied raw; padded rows' slots untouched on both sides
+
+
 def check_engine() -> None:
     """The whole engine on the Triton backend (prefix hits, chunks, decode) equals the torch backend."""
     import tempfile
@@ -208,7 +246,7 @@ def check_gemv_rejects_bad_input() -> None:
             raise AssertionError(f"no error for: {message}")
 
 
-CHECKS = {"decode": check_decode, "prefill": check_prefill, "store": check_store, "engine": check_engine,
+CHECKS = {"decode": check_decode, "prefill": check_prefill, "store": check_store, "rope_kv": check_rope_kv, "engine": check_engine,
           "engine_gemv": check_engine_gemv, "gemv": check_gemv, "gemv_bf16": check_gemv_bf16, "gemv_rejects_bad_input": check_gemv_rejects_bad_input}
 
 

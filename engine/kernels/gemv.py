@@ -21,6 +21,11 @@ program re-derives what it needs instead of waiting for another kernel):
   order; ``residual`` may be None (the first layer); program 0 also writes ``x + residual``, the
   residual stream the layer passes on;
 - ``silu_mul`` (down_proj): ``x = silu(gate) * up`` read from the gate_up output ``[M, 2K]``.
+
+PDL (``USE_PDL``, engine/kernels/__init__.py): the first weight tile is loaded before ``gdc_wait``,
+so at batch 1 the kernel's launch and first HBM round trip overlap the previous kernel's tail;
+everything else (x, residual, workspace, outputs) waits. The loop's first iteration is peeled to
+use that tile, with the same sums in the same order, so results equal the kernel without PDL.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels import use_pdl
 
 MAX_M = 8  # beyond this the weight tile is reused enough that cuBLAS's GEMM wins
 PROLOGUES = ("none", "add_rms_norm", "silu_mul")
@@ -101,13 +108,24 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, res_ptr, h_ptr, norm_ptr, part_p
                  M, N, K, x_stride, eps,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 K_TILES: tl.constexpr, K_TILES_ALL: tl.constexpr, PRECISION: tl.constexpr):
+                 K_TILES: tl.constexpr, K_TILES_ALL: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     tile = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if USE_PDL:
+        # the first weight tile streams in while the previous kernel finishes: weights are the only
+        # input no kernel of the step writes (x, residual, the split-K workspace wait for gdc_wait).
+        # (Its addresses repeat w_rows/k_first below, which stay where they were so that the code
+        # without PDL compiles exactly as before; the compiler merges the two.)
+        k0 = split * (K_TILES * BLOCK_K) + tl.arange(0, BLOCK_K)
+        w0 = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + k0[None, :], mask=mask_n[:, None] & (k0 < K)[None, :],
+                     other=0.0)
+        tl.extra.cuda.gdc_wait()
     inv_rms = tl.zeros([BLOCK_M], tl.float32)
     if PROLOGUE == 1:
         write_h = (offs_m * 0 + tile + split) == 0  # a block mask: program (0, 0) writes the residual stream
@@ -115,9 +133,14 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, res_ptr, h_ptr, norm_ptr, part_p
                            HAS_RESIDUAL, BLOCK_M, BLOCK_K, K_TILES_ALL)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K  # int64: an LM head has > 2^31 weights
     k_first = split * (K_TILES * BLOCK_K)
+    # with PDL, tile 0 is peeled off the loop (it uses w0); the sums keep the same order either way
+    T0: tl.constexpr = 1 if USE_PDL else 0
     if BLOCK_M == 1:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for t in range(K_TILES):
+        if USE_PDL:
+            x = _load_x(x_ptr, res_ptr, norm_ptr, inv_rms, offs_m, mask_m, k0, k0 < K, x_stride, K, PROLOGUE, HAS_RESIDUAL)
+            acc2 += w0.to(tl.float32) * x.to(tl.float32)
+        for t in range(T0, K_TILES):
             k = k_first + t * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = k < K
             w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -126,7 +149,10 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, res_ptr, h_ptr, norm_ptr, part_p
         acc = tl.sum(acc2, 1)[None, :]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for t in range(K_TILES):
+        if USE_PDL:
+            x = _load_x(x_ptr, res_ptr, norm_ptr, inv_rms, offs_m, mask_m, k0, k0 < K, x_stride, K, PROLOGUE, HAS_RESIDUAL)
+            acc = tl.dot(x, tl.trans(w0), acc, input_precision=PRECISION)
+        for t in range(T0, K_TILES):
             k = k_first + t * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = k < K
             w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -191,6 +217,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     h = torch.empty(m, k, dtype=x.dtype, device=x.device) if with_residual else y
     k_tiles = triton.cdiv(k, config.split_k * config.block_k)
     grid = (triton.cdiv(n, config.block_n), config.split_k)
+    pdl = use_pdl(x.device)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else y, y, residual if with_residual else x, h,
         norm_weight if norm_weight is not None else weight, workspace.partials, workspace.tickets,
@@ -198,8 +225,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
         PROLOGUE=_PROLOGUE_ID[prologue], HAS_RESIDUAL=with_residual, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         K_TILES=k_tiles, K_TILES_ALL=triton.cdiv(k, config.block_k) if prologue == "add_rms_norm" else 0,
-        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", USE_PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if prologue == "add_rms_norm":
         return y, (h if with_residual else x)

@@ -3,12 +3,18 @@
 Caches are ``[num_blocks, block_size, kv_heads, head_dim]``. Both attention kernels gather K/V
 rows through the block table (``slot = table[pos // block_size] * block_size + pos % block_size``),
 so the tile size is independent of the block size. Softmax is the online (flash) form in fp32.
+
+The decode-path kernels (KV store, decode attention, its split combine) take ``USE_PDL``
+(engine/kernels/__init__.py): they read only the step's activations and caches, so each waits for
+its predecessor before its first load and only lets the next kernel's launch start early.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels import use_pdl
 
 _LOG2E = 1.4426950408889634
 
@@ -20,7 +26,10 @@ def _precision(q: torch.Tensor) -> str:
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_stride, v_stride,
-                     WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+                     WIDTH: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()  # k, v, the slots and the cache all belong to the step
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     offs = tl.arange(0, BLOCK)
@@ -33,11 +42,13 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_stride,
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, kv_heads, head_dim] with contiguous rows (views into the fused qkv output are fine)."""
+    """k, v: [T, kv_heads, head_dim] with contiguous rows (views into the fused qkv output are fine).
+    (The engine's Triton backend stores K/V in its fused RoPE kernel, engine/kernels/rope_kv.py.)"""
     num_tokens, width = k.shape[0], k.shape[1] * k.shape[2]
     assert k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2] and k.stride(2) == v.stride(2) == 1
+    pdl = use_pdl(k.device)
     _store_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                    WIDTH=width, BLOCK=triton.next_power_of_2(width))
+                                    WIDTH=width, BLOCK=triton.next_power_of_2(width), USE_PDL=pdl, launch_pdl=pdl)
 
 
 @triton.jit
@@ -59,9 +70,13 @@ def _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head,
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_ptr, lens_ptr, scale_log2,
                    table_stride, q_stride,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum) for ``_combine_kernel``."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()  # q, the cache, the tables and lengths all belong to the step
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -105,8 +120,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_pt
 
 @triton.jit
 def _combine_kernel(part_ptr, out_ptr, q_stride, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr):
+                    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """Merges the splits of one (sequence, head): rescale each partial to the global max, then sum."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS)
@@ -148,14 +166,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     partials = (torch.empty(num_seqs, num_heads, num_splits, head_dim + 2, dtype=torch.float32, device=q.device)
                 if num_splits > 1 else out)
+    pdl = use_pdl(q.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partials, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0), q.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q),
+        USE_PDL=pdl, launch_pdl=pdl,
     )
     if num_splits > 1:
         _combine_kernel[(num_seqs, num_heads)](partials, out, q.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-                                               NUM_SPLITS=num_splits)
+                                               NUM_SPLITS=num_splits, USE_PDL=pdl, launch_pdl=pdl)
     return out
 
 
