@@ -50,7 +50,7 @@ class ModelRunner:
             from engine.kernels import set_pdl
 
             set_pdl(config.pdl)  # process-wide, read at every launch: set before tuning and capture
-        if device.type == "cuda" and not config.enforce_eager:
+        if device.type == "cuda":  # enforce_eager too: it differs from the graph path by the graphs alone
             compile_fused_ops(self.model)
         self.gemv_tuning: list[dict] = []  # one row per (projection group, batch bucket): the timed choice
         self._gemv_plans: dict = {}
