@@ -24,6 +24,7 @@ TABLE_HEADER = "| date | GPU | commit | command | case | ours | baseline | ratio
 def load(path: Path) -> dict[str, Any]:
     data = json.loads(Path(path).read_text())
     data.setdefault("bench", Path(path).stem)
+    data["file_stem"] = Path(path).stem  # one script may write several files (run_gpu.sh tags): charts are named by file
     return data
 
 
@@ -58,7 +59,7 @@ def _sft_lines(data: dict[str, Any]) -> list[str]:
 
 
 def _is_ours(side: str | None) -> bool:
-    return side is not None and (side == "ours" or side.startswith("ours-"))
+    return side is not None and (side == "ours" or side.startswith("ours-") or side.startswith("crucible"))
 
 
 def _generic_lines(data: dict[str, Any]) -> list[str]:
@@ -214,10 +215,66 @@ def latency_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     return [path]
 
 
+def engine_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """engine_throughput: output tokens/s per side (log scale, ratios to ours on the bars); batch-1 decode
+    ms per token and GPU replay ms per variant against the roofline and the 1.3x target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data.get("rows", []) if isinstance(r, dict) and not r.get("error")]
+    throughput = [r for r in rows if r.get("tok_per_s")]
+    bs1 = [r for r in rows if r.get("roofline_ms")]
+    panels = [p for p in (("throughput", throughput), ("bs1", bs1)) if p[1]]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.4), dpi=120, squeeze=False)
+    for ax, (kind, panel_rows) in zip(axes[0], panels):
+        if kind == "throughput":
+            ours = next((r["tok_per_s"] for r in panel_rows if _is_ours(r.get("side"))), None)
+            labels = ["\n".join([r["shape"], r["side"].replace("transformers ", "transformers\n")] + (["(partial)"] if r.get("partial") else []))
+                      for r in panel_rows]
+            bars = ax.bar(range(len(panel_rows)), [r["tok_per_s"] for r in panel_rows],
+                          color=["#1f77b4" if _is_ours(r.get("side")) else "#7f7f7f" for r in panel_rows])
+            for bar, r in zip(bars, panel_rows):
+                if ours and not _is_ours(r.get("side")):
+                    ax.annotate(f"ours {ours / r['tok_per_s']:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=8)
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(panel_rows)), labels, fontsize=7)
+            ax.set_ylabel("output tokens/s (log)")
+            ax.set_title("offline throughput, 256 requests", fontsize=10)
+        else:
+            variants = [k[len("step_ms_"):] for k in panel_rows[0] if k.startswith("step_ms_")]
+            cases = [(r["shape"], v) for r in panel_rows for v in variants if r.get(f"step_ms_{v}") is not None]
+            by_shape = {r["shape"]: r for r in panel_rows}
+            xs = range(len(cases))
+            ax.bar([x - 0.2 for x in xs], [by_shape[s][f"step_ms_{v}"] / by_shape[s]["roofline_ms"] for s, v in cases], 0.4,
+                   label="ms per token (engine)", color="#1f77b4")
+            ax.bar([x + 0.2 for x in xs], [by_shape[s][f"replay_ms_{v}"] / by_shape[s]["roofline_ms"] for s, v in cases], 0.4,
+                   label="GPU replay alone", color="#aec7e8")
+            ax.axhline(1.0, color="black", lw=1, label="roofline (weights / copy bandwidth)")
+            ax.axhline(1.3, color="red", ls="--", lw=1, label="target 1.3x")
+            ax.set_xticks(list(xs), [f"{s}\n{v}" for s, v in cases], fontsize=7)
+            ax.set_ylabel("x roofline (lower is better)")
+            ax.set_title("batch-1 greedy decode", fontsize=10)
+            ax.legend(fontsize=7, loc="lower center", framealpha=0.9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{data['file_stem']} on {_gpu(data)} ({data.get('commit', '?')})")
+    fig.tight_layout()
+    path = out_dir / f"{data['file_stem']}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
 def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """Throughput (and MFU or peak memory) bars per case and side; loss curves when there are any."""
     if data.get("bench") == "engine_latency":
         return latency_chart(data, out_dir)
+    if data.get("bench") == "engine_throughput":
+        return engine_chart(data, out_dir)
     import matplotlib
 
     matplotlib.use("Agg")
