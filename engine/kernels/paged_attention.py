@@ -4,7 +4,7 @@ Caches are ``[num_blocks, block_size, kv_heads, head_dim]``. Both attention kern
 rows through the block table (``slot = table[pos // block_size] * block_size + pos % block_size``),
 so the tile size is independent of the block size. Softmax is the online (flash) form in fp32.
 
-The decode-path kernels (KV store, decode attention with its in-kernel split combine) take ``USE_PDL``
+The decode-path kernels (KV store, decode attention, its split combine) take ``USE_PDL``
 (engine/kernels/__init__.py): they read only the step's activations and caches, so each waits for
 its predecessor before its first load and only lets the next kernel's launch start early.
 """
@@ -67,15 +67,13 @@ def _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head,
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, ticket_ptr, tables_ptr, lens_ptr, scale_log2,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_ptr, lens_ptr, scale_log2,
                    table_stride, q_stride,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
                    USE_PDL: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
-    output; otherwise it writes its unnormalized partial (acc, max, sum), and the last split of the
-    (sequence, K/V head) to finish — an atomic ticket elects it — merges all of them (``_combine_head``)
-    and resets the ticket for the next call: no second kernel launch per layer."""
+    output; otherwise it writes its unnormalized partial (acc, max, sum) for ``_combine_kernel``."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()  # q, the cache, the tables and lengths all belong to the step
@@ -118,27 +116,23 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, ticket_pt
         tl.store(base[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
         tl.store(base + HEAD_DIM, m, mask=mask_g)
         tl.store(base + HEAD_DIM + 1, l, mask=mask_g)
-        # every thread's partial is written before the ticket's release (one thread performs the scalar
-        # atomic); acq_rel then makes all splits' partials visible to the program drawing the last ticket
-        tl.debug_barrier()
-        ticket = tl.atomic_add(ticket_ptr + seq * NUM_KV_HEADS + kv_head, 1)
-        if ticket == NUM_SPLITS - 1:
-            for g in tl.static_range(GROUP):
-                _combine_head(part_ptr, out_ptr, seq, kv_head * GROUP + g, q_stride, num_heads, HEAD_DIM, NUM_SPLITS)
-            tl.atomic_xchg(ticket_ptr + seq * NUM_KV_HEADS + kv_head, 0)
 
 
 @triton.jit
-def _combine_head(part_ptr, out_ptr, seq, head, q_stride, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr):
-    """Merges the splits of one (sequence, head): rescale each partial to the global max, then sum
-    (in split order, so results are deterministic). Loads skip L1: other SMs wrote the partials."""
+def _combine_kernel(part_ptr, out_ptr, q_stride, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
+    """Merges the splits of one (sequence, head): rescale each partial to the global max, then sum."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, HEAD_DIM)
     base = part_ptr + ((seq * NUM_HEADS + head) * NUM_SPLITS + offs_s) * (HEAD_DIM + 2)
-    m = tl.load(base + HEAD_DIM, cache_modifier=".cg")  # -inf for an empty split
-    l = tl.load(base + HEAD_DIM + 1, cache_modifier=".cg")
-    acc = tl.load(base[:, None] + offs_d[None, :], cache_modifier=".cg")
+    m = tl.load(base + HEAD_DIM)  # -inf for an empty split
+    l = tl.load(base + HEAD_DIM + 1)
+    acc = tl.load(base[:, None] + offs_d[None, :])
     m_max = tl.max(m, 0)
     w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
     total = tl.sum(l * w, 0)
@@ -172,29 +166,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     partials = (torch.empty(num_seqs, num_heads, num_splits, head_dim + 2, dtype=torch.float32, device=q.device)
                 if num_splits > 1 else out)
-    tickets = _tickets(q.device, num_seqs * num_kv_heads) if num_splits > 1 else context_lens
     pdl = use_pdl(q.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, partials, tickets, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0),
-        q.stride(0),
+        q, k_cache, v_cache, out, partials, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0), q.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q),
         USE_PDL=pdl, launch_pdl=pdl,
     )
+    if num_splits > 1:
+        _combine_kernel[(num_seqs, num_heads)](partials, out, q.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+                                               NUM_SPLITS=num_splits, USE_PDL=pdl, launch_pdl=pdl)
     return out
-
-
-_TICKETS: dict[torch.device, list[torch.Tensor]] = {}  # per device: the current buffer last; older ones kept alive
-
-
-def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 tickets, one per (sequence, K/V head), shared by every decode call on the device:
-    kernels on a stream run one after another and each leaves its tickets at 0. A buffer outgrown is
-    kept alive, not freed, because captured CUDA graphs may still hold its address."""
-    buffers = _TICKETS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < n:
-        buffers.append(torch.zeros(max(n, 128), dtype=torch.int32, device=device))
-    return buffers[-1]
 
 
 @triton.jit
