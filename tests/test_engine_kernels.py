@@ -49,6 +49,17 @@ def check_decode() -> None:
     expected = paged_attention_torch(q, k_cache, v_cache, ctx, scale=0.25)
     got = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, 0.25)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # explicit split counts (the split + combine path), a second call (a graph replay) computing the
+    # same, and a padded row (context 0) giving zeros without touching the others
+    lens = ctx.context_lens.clone()
+    lens[0] = 0
+    for splits in (1, 4, 8):
+        first = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, 0.25, splits)
+        again = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, 0.25, splits)
+        torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
+        assert torch.equal(first, again), splits
+        padded = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, lens, 0.25, splits)
+        assert torch.equal(padded[0], torch.zeros_like(padded[0])) and torch.equal(padded[1:], first[1:]), splits
 
 
 def check_prefill() -> None:
