@@ -8,7 +8,8 @@ Files by role (a request flows top to bottom):
   sequence.py       one sequence's tokens, computed count and block table
   model_runner.py   model + KV cache on a device: step inputs, forward, CUDA graphs
   model.py          Llama-family decoder (fused qkv / gate_up); layers.py: Linear, RMSNorm, RoPE
-  attention.py      paged attention: torch reference, Triton dispatch (kernels/paged_attention.py)
+  attention.py      paged attention: torch reference, Triton dispatch (kernels/: paged_attention.py,
+                    rope_kv.py, gemv.py, argmax.py, decode_advance.py)
   sampler.py        penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs
   loader.py         safetensors / trainer tensors / PEFT adapters -> fused parameters
   evaluate.py       perplexity and task accuracy (launch/eval.py, trainer eval hooks)
