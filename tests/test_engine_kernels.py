@@ -1,4 +1,5 @@
-"""The Triton kernels equal the torch reference, run on CPU through the Triton interpreter.
+"""The Triton kernels equal the torch reference (or, for the argmax and the decode-graph input advance,
+torch's results and the expected positions), run on CPU through the Triton interpreter.
 
 The interpreter must be chosen before Triton is first imported, so each check runs in a fresh
 interpreter process (``python tests/test_engine_kernels.py <check>``) with TRITON_INTERPRET=1.
@@ -257,7 +258,58 @@ def check_gemv_rejects_bad_input() -> None:
             raise AssertionError(f"no error for: {message}")
 
 
-CHECKS = {"decode": check_decode, "prefill": check_prefill, "store": check_store, "rope_kv": check_rope_kv, "engine": check_engine,
+def check_argmax() -> None:
+    import torch
+
+    from engine.kernels.argmax import CHUNK, Argmax
+
+    vocab = 2 * CHUNK + 37  # a partial last chunk
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, vocab, generator=g)
+    logits[1, 7] = logits[1, CHUNK + 3] = logits[1, 2 * CHUNK + 5] = 50.0  # ties across chunks: the first wins
+    logits[2, 100] = logits[2, 101] = 60.0  # ties inside a chunk
+    logits[3] = float("-inf")
+    logits[3, vocab - 1] = 0.0  # the maximum in the partial chunk
+    logits[4, :] = 1.0  # all equal: index 0
+    argmax = Argmax(8, vocab, logits.device)
+    out = torch.full((5,), -1, dtype=torch.long)
+    assert argmax(logits, out).tolist() == logits.argmax(-1).tolist() == [logits[0].argmax().item(), 7, 100, vocab - 1, 0]
+    out3 = torch.full((3,), -1, dtype=torch.long)
+    assert argmax(logits[2:], out3).tolist() == [100, vocab - 1, 0]  # a row slice, as a graph's bucket is
+
+
+def check_advance() -> None:
+    import torch
+
+    from engine.kernels.decode_advance import advance_decode_inputs
+
+    block_size = 4  # tables are 3 blocks wide
+    # rows: live mid-block | live at a block's last slot | padding | dry run (no slot, has context) | at its table's end
+    ids = torch.tensor([5, 6, 0, 9, 7])
+    pos = torch.tensor([1, 3, 0, 6, 11])
+    tables = torch.tensor([[10, 11, 12], [20, 21, 22], [0, 0, 0], [0, 0, 0], [30, 31, 32]])
+    slots = torch.tensor([10 * 4 + 1, 20 * 4 + 3, -1, -1, 32 * 4 + 3])
+    lens = torch.tensor([2, 4, 0, 7, 12])
+    hist = torch.full((2, 8), -7)
+    counter = torch.zeros(1, dtype=torch.long)
+    tokens = torch.tensor([100, 101, 102, 103, 104])
+    advance_decode_inputs(ids, pos, slots, lens, tables, tokens, hist, counter, block_size)
+    assert counter.tolist() == [1]
+    assert hist[0, :5].tolist() == tokens.tolist() and hist[0, 5:].tolist() == [-7] * 3 and hist[1].tolist() == [-7] * 8
+    assert ids.tolist() == [100, 101, 0, 9, 7]
+    assert pos.tolist() == [2, 4, 0, 6, 11]
+    assert lens.tolist() == [3, 5, 0, 7, 12]
+    assert slots.tolist() == [10 * 4 + 2, 21 * 4 + 0, -1, -1, 32 * 4 + 3]  # row 1 crossed into its next block
+    # the next step, then replays past the history's depth keep writing its last row
+    for step, new in enumerate(([200, 201, 202, 203, 204], [300, 301, 302, 303, 304]), start=1):
+        advance_decode_inputs(ids, pos, slots, lens, tables, torch.tensor(new), hist, counter, block_size)
+        assert hist[1, :5].tolist() == new and counter.tolist() == [step + 1]
+    assert hist[0, :5].tolist() == tokens.tolist()
+    assert pos.tolist() == [4, 6, 0, 6, 11] and ids.tolist() == [300, 301, 0, 9, 7]
+    assert slots.tolist() == [11 * 4 + 0, 21 * 4 + 2, -1, -1, 32 * 4 + 3]
+
+
+CHECKS = {"argmax": check_argmax, "advance": check_advance, "decode": check_decode, "prefill": check_prefill, "store": check_store, "rope_kv": check_rope_kv, "engine": check_engine,
           "engine_gemv": check_engine_gemv, "gemv": check_gemv, "gemv_bf16": check_gemv_bf16, "gemv_rejects_bad_input": check_gemv_rejects_bad_input}
 
 
