@@ -2,8 +2,10 @@
 
 Same model (random init of a named shape, identical weights), same preference pairs (arithmetic
 prompts with a right and a wrong answer, padded out to ``--completion-tokens``), same LoRA config,
-beta, batch and optimizer settings; the reference is the LoRA-disabled base on both sides. Each side
-runs in its own process (clean peak memory). Prints a table, writes JSON.
+beta, batch and optimizer settings; the reference is the LoRA-disabled base on both sides. TRL's
+``DPOConfig`` checkpoints activations by default (``gradient_checkpointing=True``), so side ``ours``
+does too (``train.activation_checkpointing=full``); ``ours-no-ac`` shows the same step without it.
+Each side runs in its own process (clean peak memory). Prints a table, writes JSON.
 
     python bench/dpo_step.py --out dpo.json                  # H100, ~2 min
     python bench/dpo_step.py --smoke                         # tiny model on CPU: checks the code paths
@@ -21,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
-SIDES = ("ours", "trl")
+SIDES = ("ours", "ours-no-ac", "trl")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -35,7 +37,7 @@ def write_pairs(path: Path, n: int, completion_words: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def ours(p: dict[str, Any]) -> dict[str, Any]:
+def ours(p: dict[str, Any], activation_checkpointing: str = "full") -> dict[str, Any]:
     common.reset_peak_memory()
     res = common.run_crucible([
         f"model.path={p['model_dir']}", "train.method=dpo", f"device={p['device']}",
@@ -43,6 +45,7 @@ def ours(p: dict[str, Any]) -> dict[str, Any]:
         f"data.source={p['data']}", "data.val_fraction=0", f"data.packing={p['packing']}", f"train.seq_len={p['seq_len']}",
         "dpo.reference=lora_disabled", "dpo.beta=0.1", f"dpo.max_prompt_len={p['seq_len'] // 2}", "train.lr=5e-5", "train.scheduler=constant",
         "lora.rank=16", "lora.alpha=32", "eval.every_n_steps=0", "checkpoint.save_final=false", f"output_dir={p['workdir']}/ours",
+        f"train.activation_checkpointing={activation_checkpointing}",
     ], warmup=p["warmup"], steps=p["steps"])
     return {"times": res["times"], "peak_gib": common.peak_memory_gib(), "losses": res["losses"]}
 
@@ -82,7 +85,7 @@ def main() -> None:
     common.add_side_arguments(parser, SIDES, default_timeout=200)
     args = parser.parse_args()
     common.check_sides(parser, args)
-    if common.run_as_worker(args, {"ours": ours, "trl": trl}):
+    if common.run_as_worker(args, {"ours": ours, "ours-no-ac": lambda p: ours(p, "none"), "trl": trl}):
         return
     if args.smoke:
         args.shape, args.pairs, args.completion_tokens, args.seq_len, args.warmup, args.steps = "tiny", 4, 16, 128, 1, 1
@@ -102,18 +105,19 @@ def main() -> None:
         rows.append({"side": side, "step_s": step, "pairs_per_s": args.pairs / step if step else None, "peak_gib": res.get("peak_gib"),
                      "error": res.get("error")})
         common.save_results(args.out, "dpo_step", args, rows)
-    by_side = {r["side"]: r for r in rows}
-    mine, theirs = by_side.get("ours", {}), by_side.get("trl", {})
-    if mine.get("step_s") and theirs.get("step_s"):
-        mine["speedup"] = theirs["step_s"] / mine["step_s"]
-    if mine.get("peak_gib") and theirs.get("peak_gib"):
-        mine["memory_vs_trl"] = mine["peak_gib"] / theirs["peak_gib"]
+    theirs = next((r for r in rows if r["side"] == "trl"), {})
+    for mine in (r for r in rows if r["side"] != "trl"):
+        if mine.get("step_s") and theirs.get("step_s"):
+            mine["speedup"] = theirs["step_s"] / mine["step_s"]
+        if mine.get("peak_gib") and theirs.get("peak_gib"):
+            mine["memory_vs_trl"] = mine["peak_gib"] / theirs["peak_gib"]
     common.save_results(args.out, "dpo_step", args, rows)
     common.print_table(f"DPO step ({args.shape}, {args.pairs} pairs, ~{args.completion_tokens}-token completions, LoRA r16, "
                        f"reference = base with adapters off)", rows,
                        [("side", "side"), ("step_s", "step s (median)"), ("speedup", "x faster"), ("pairs_per_s", "pairs/s"),
                         ("peak_gib", "peak GiB"), ("memory_vs_trl", "memory / TRL's"), ("error", "error")],
-                       notes=[f"ours packs chosen+rejected documents into rows (packing={args.packing}); TRL pads [chosen; rejected]"])
+                       notes=[f"ours packs chosen+rejected documents into rows (packing={args.packing}); TRL pads [chosen; rejected]",
+                              "ours and TRL checkpoint activations (TRL's DPOConfig default); ours-no-ac does not"])
 
 
 if __name__ == "__main__":
