@@ -269,12 +269,43 @@ def engine_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     return [path]
 
 
+def step_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """dpo_step / grpo_step: seconds per optimizer step and peak memory per side (ratios to TRL on the bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data.get("rows", []) if isinstance(r, dict) and r.get("step_s")]
+    if not rows:
+        return []
+    baseline = next((r for r in rows if not _is_ours(r["side"])), None)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=120)
+    for ax, key, label in ((axes[0], "step_s", "seconds per step (lower is better)"), (axes[1], "peak_gib", "peak memory (GiB)")):
+        bars = ax.bar([r["side"] for r in rows], [r.get(key) or 0 for r in rows],
+                      color=["#1f77b4" if _is_ours(r["side"]) else "#7f7f7f" for r in rows])
+        for bar, r in zip(bars, rows):
+            if baseline and r is not baseline and r.get(key) and baseline.get(key):
+                ax.annotate(f"{r[key] / baseline[key]:.2f}x {baseline['side']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{data['file_stem']} on {_gpu(data)} ({data.get('commit', '?')})")
+    fig.tight_layout()
+    path = out_dir / f"{data['file_stem']}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
 def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """Throughput (and MFU or peak memory) bars per case and side; loss curves when there are any."""
     if data.get("bench") == "engine_latency":
         return latency_chart(data, out_dir)
     if data.get("bench") == "engine_throughput":
         return engine_chart(data, out_dir)
+    if data.get("bench") in ("dpo_step", "grpo_step"):
+        return step_chart(data, out_dir)
     import matplotlib
 
     matplotlib.use("Agg")
