@@ -298,6 +298,51 @@ def step_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     return [path]
 
 
+def serve_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """serve_gpu: offline throughput with 0/1/8/32 adapters relative to the base model (min-max over rounds as
+    whiskers, the 0.75x target); online TTFT and TPOT percentiles per request rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data.get("rows", []) if isinstance(r, dict) and not r.get("error")]
+    offline = [r for r in rows if str(r.get("case", "")).startswith("offline") and r.get("vs_base") is not None]
+    online = [r for r in rows if str(r.get("case", "")).startswith("online") and r.get("ttft_p50_ms") is not None]
+    panels = [p for p in (("offline", offline), ("online", online)) if p[1]]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=120, squeeze=False)
+    for ax, (kind, panel_rows) in zip(axes[0], panels):
+        labels = [r["case"].replace(kind + " ", "") for r in panel_rows]
+        if kind == "offline":
+            values = [r["vs_base"] for r in panel_rows]
+            low = [v - r.get("ratio_min", v) for v, r in zip(values, panel_rows)]
+            high = [r.get("ratio_max", v) - v for v, r in zip(values, panel_rows)]
+            ax.bar(labels, values, yerr=[low, high], capsize=4, color="#1f77b4")
+            ax.axhline(0.75, color="red", ls="--", lw=1, label="target 0.75x base")
+            ax.set_ylabel("output tokens/s relative to the base model")
+            ax.set_title("offline multi-LoRA throughput (median of rounds; whiskers: min-max)", fontsize=9)
+            ax.legend(fontsize=8)
+        else:
+            xs = range(len(panel_rows))
+            for j, (key, label) in enumerate((("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"),
+                                              ("tpot_p50_ms", "TPOT p50"), ("tpot_p99_ms", "TPOT p99"))):
+                ax.bar([x + (j - 1.5) * 0.2 for x in xs], [r.get(key) or 0 for r in panel_rows], 0.2, label=label)
+            ax.set_xticks(list(xs), labels)
+            ax.set_yscale("log")
+            ax.set_ylabel("ms (log)")
+            ax.set_title("HTTP server: latency per request rate", fontsize=9)
+            ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{data['file_stem']} on {_gpu(data)} ({data.get('commit', '?')})")
+    fig.tight_layout()
+    path = out_dir / f"{data['file_stem']}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
 def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """Throughput (and MFU or peak memory) bars per case and side; loss curves when there are any."""
     if data.get("bench") == "engine_latency":
@@ -306,6 +351,8 @@ def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
         return engine_chart(data, out_dir)
     if data.get("bench") in ("dpo_step", "grpo_step"):
         return step_chart(data, out_dir)
+    if data.get("bench") == "serve_gpu":
+        return serve_chart(data, out_dir)
     import matplotlib
 
     matplotlib.use("Agg")
