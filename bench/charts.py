@@ -32,6 +32,11 @@ def _num(v: Any, fmt: str = "{:,.0f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _name(data: dict[str, Any]) -> str:
+    """A result's chart name: its file's stem (one script may write several tagged files), else the bench."""
+    return data.get("file_stem") or data["bench"]
+
+
 def _gpu(data: dict[str, Any]) -> str:
     env = data.get("env") or {}
     return env.get("gpu") or env.get("device") or "?"
@@ -261,9 +266,9 @@ def engine_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_title("batch-1 greedy decode", fontsize=10)
             ax.legend(fontsize=7, loc="lower center", framealpha=0.9)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{data['file_stem']} on {_gpu(data)} ({data.get('commit', '?')})")
+    fig.suptitle(f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")
     fig.tight_layout()
-    path = out_dir / f"{data['file_stem']}.png"
+    path = out_dir / f"{_name(data)}.png"
     fig.savefig(path)
     plt.close(fig)
     return [path]
@@ -290,9 +295,9 @@ def step_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
                             ha="center", va="bottom", fontsize=8)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{data['file_stem']} on {_gpu(data)} ({data.get('commit', '?')})")
+    fig.suptitle(f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")
     fig.tight_layout()
-    path = out_dir / f"{data['file_stem']}.png"
+    path = out_dir / f"{_name(data)}.png"
     fig.savefig(path)
     plt.close(fig)
     return [path]
@@ -335,9 +340,9 @@ def serve_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_title("HTTP server: latency per request rate", fontsize=9)
             ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{data['file_stem']} on {_gpu(data)} ({data.get('commit', '?')})")
+    fig.suptitle(f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")
     fig.tight_layout()
-    path = out_dir / f"{data['file_stem']}.png"
+    path = out_dir / f"{_name(data)}.png"
     fig.savefig(path)
     plt.close(fig)
     return [path]

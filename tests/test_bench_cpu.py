@@ -222,3 +222,17 @@ def test_engine_throughput_smoke_runs_both_transformers_baselines(tmp_path):
         assert "error" not in r, (side, r.get("error"))
         assert r["requests"] == 6 and r["output_tokens"] == requested and not r.get("partial"), side
     assert rows["crucible engine"]["speedup_vs_hf_cb"] > 0
+    assert [p.name for p in charts.chart(charts.load(out), tmp_path)] == ["engine.png"]
+
+
+def test_step_and_serving_charts(tmp_path):
+    """DPO/GRPO step charts (time and memory per side) and the serving chart (offline ratios, online latency)."""
+    step = {"bench": "dpo_step", "rows": [{"side": "ours", "step_s": 0.5, "peak_gib": 1.5},
+                                          {"side": "trl", "step_s": 0.6, "peak_gib": 0.9}]}
+    serve = {"bench": "serve_gpu", "file_stem": "serve_gpu-x", "rows": [
+        {"case": "offline base", "out_tok_per_s": 100.0, "vs_base": 1.0},
+        {"case": "offline 8 adapters", "out_tok_per_s": 90.0, "vs_base": 0.9, "ratio_min": 0.8, "ratio_max": 1.0},
+        {"case": "online 8 req/s", "ttft_p50_ms": 10.0, "ttft_p99_ms": 30.0, "tpot_p50_ms": 3.0, "tpot_p99_ms": 5.0}]}
+    assert [p.name for p in charts.chart(step, tmp_path)] == ["dpo_step.png"]
+    assert [p.name for p in charts.chart(serve, tmp_path)] == ["serve_gpu-x.png"]
+    assert all(p.stat().st_size > 1000 for p in tmp_path.glob("*.png"))
