@@ -348,6 +348,51 @@ def serve_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     return [path]
 
 
+def _bars(out_dir: Path, data: dict[str, Any], panels: list[tuple[list[str], list[float], str, float | None]]) -> list[Path]:
+    """One bar panel per (labels, values, y label, dashed reference line or None); saved as the result's PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = sum(max(4.5, 1.1 * len(labels)) for labels, *_ in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4), dpi=120, squeeze=False)
+    for ax, (labels, values, ylabel, line) in zip(axes[0], panels):
+        ax.bar(range(len(values)), values, color="#1f77b4")
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        if line is not None:
+            ax.axhline(line, color="red", ls="--", lw=1)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")
+    fig.tight_layout()
+    path = out_dir / f"{_name(data)}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
+def distill_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """distill_gpu: tokens/s and peak memory of SFT and each KD mode (dashed: the +15% memory target over SFT)."""
+    rows = [r for r in data.get("rows", []) if r.get("tokens_per_s") and r.get("peak_mem_gib")]
+    sft = next((r["peak_mem_gib"] for r in rows if r.get("case") == "sft"), None)
+    if not rows:
+        return []
+    labels = [r["case"] for r in rows]
+    return _bars(out_dir, data, [(labels, [r["tokens_per_s"] for r in rows], "tokens/s", None),
+                                 (labels, [r["peak_mem_gib"] for r in rows], "peak GiB (dashed: 1.15x SFT)",
+                                  1.15 * sft if sft else None)])
+
+
+def export_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """export_gpu: the engine's decode tokens/s with AWQ int4 weights relative to bf16, per shape and batch."""
+    rows = [r for r in data.get("engine") or [] if r.get("vs_bf16")]
+    if not rows:
+        return []
+    labels = [f"{r['shape']}\nbatch {r['batch']}" for r in rows]
+    return _bars(out_dir, data, [(labels, [r["vs_bf16"] for r in rows], "AWQ int4 tokens/s / bf16 (dashed: parity)", 1.0)])
+
+
 def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """Throughput (and MFU or peak memory) bars per case and side; loss curves when there are any."""
     if data.get("bench") == "engine_latency":
@@ -358,6 +403,10 @@ def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
         return step_chart(data, out_dir)
     if data.get("bench") == "serve_gpu":
         return serve_chart(data, out_dir)
+    if data.get("bench") == "distill_gpu":
+        return distill_chart(data, out_dir)
+    if data.get("bench") == "export_gpu":
+        return export_chart(data, out_dir)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -235,4 +235,9 @@ def test_step_and_serving_charts(tmp_path):
         {"case": "online 8 req/s", "ttft_p50_ms": 10.0, "ttft_p99_ms": 30.0, "tpot_p50_ms": 3.0, "tpot_p99_ms": 5.0}]}
     assert [p.name for p in charts.chart(step, tmp_path)] == ["dpo_step.png"]
     assert [p.name for p in charts.chart(serve, tmp_path)] == ["serve_gpu-x.png"]
+    distill = {"bench": "distill_gpu", "rows": [{"case": "sft", "tokens_per_s": 10.0, "peak_mem_gib": 1.0},
+                                                {"case": "kd-offline", "tokens_per_s": 8.0, "peak_mem_gib": 1.1}]}
+    export = {"bench": "export_gpu", "rows": [], "engine": [{"shape": "s", "batch": 1, "weights": "awq int4", "tok_per_s": 9.0,
+                                                            "vs_bf16": 1.3}]}
+    assert [p.name for p in charts.chart(distill, tmp_path) + charts.chart(export, tmp_path)] == ["distill_gpu.png", "export_gpu.png"]
     assert all(p.stat().st_size > 1000 for p in tmp_path.glob("*.png"))
