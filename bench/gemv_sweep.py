@@ -1,0 +1,110 @@
+"""A wide GEMV config sweep at batch 1: which tile shapes stream a layer projection fastest.
+
+The engine's start-up tuner times only a handful of candidates (engine/kernels/gemv.py
+``candidate_configs``: each is a Triton compile at start-up); this bench times many more, each over
+every layer's own weights inside one CUDA graph (as the tuner and a decode step do: HBM, not L2),
+with PDL as the engine runs it, against cuBLAS (``F.linear`` alone, without the norm/activation
+kernel its path also needs: a lower bound for the unfused path). What wins here is what to add to
+the candidates.
+
+    python bench/gemv_sweep.py --out $OUT/gemv_sweep.json          # H100, ~2 min
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import bench_parser, csv_list, print_table, save_results  # noqa: E402
+
+# (name, N, K, prologue, layers) per shape: the published configs' layer projections, largest first
+SHAPES = {
+    "llama-3.2-1b": [("gate_up", 16384, 2048, "add_rms_norm", 16), ("down", 2048, 8192, "silu_mul", 16),
+                     ("qkv", 3072, 2048, "add_rms_norm", 16), ("o", 2048, 2048, "none", 16)],
+    "qwen3-0.6b": [("gate_up", 6144, 1024, "add_rms_norm", 28), ("down", 1024, 3072, "silu_mul", 28),
+                   ("qkv", 4096, 1024, "add_rms_norm", 28), ("o", 1024, 2048, "none", 28)],
+}
+
+
+def configs(n: int, k: int, num_sms: int):
+    from engine.kernels.gemv import GemvConfig
+
+    out = []
+    for block_n, block_k, warps in itertools.product((8, 16, 32), (128, 256, 512), (4, 8)):
+        tiles, stages = -(-n // block_n), 2
+        for target in (4, 8):  # programs per SM the split-K aims for
+            split = 1
+            while tiles * split < target * num_sms and split * 2 * block_k <= k and split < 16:
+                split *= 2
+            out.append(GemvConfig(1, block_n, block_k, split, warps, stages))
+    for block_n, block_k, warps, stages in ((32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3)):
+        tiles = -(-n // block_n)
+        split = 1
+        while tiles * split < 4 * num_sms and split * 2 * block_k <= k and split < 16:
+            split *= 2
+        out.append(GemvConfig(16, block_n, block_k, split, warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def main() -> int:
+    p = bench_parser(__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=csv_list, default=["llama-3.2-1b"])
+    p.add_argument("--time-budget", type=float, default=150.0, help="seconds; the remaining projections are skipped")
+    args = p.parse_args()
+    import torch
+    import torch.nn.functional as F
+
+    from engine.kernels import set_pdl
+    from engine.kernels.gemv import Workspace, gemv
+    from engine.kernels.gemv_tuning import _graph_time_us
+
+    if not torch.cuda.is_available():
+        print("error: needs a GPU", file=sys.stderr)
+        return 2
+    set_pdl(True)
+    dev = torch.device("cuda")
+    num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    start, rows = time.perf_counter(), []
+    for shape in args.shapes:
+        for name, n, k, prologue, layers in SHAPES[shape]:
+            if time.perf_counter() - start > args.time_budget:
+                print(f"time budget spent: skipping {shape} {name}", flush=True)
+                continue
+            weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+            x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, device=dev, dtype=torch.bfloat16)
+            residual = torch.randn(1, k, device=dev, dtype=torch.bfloat16) if prologue == "add_rms_norm" else None
+            norm = torch.ones(k, device=dev, dtype=torch.bfloat16)
+            plain = x[:, :k].contiguous()
+            cublas = _graph_time_us(lambda: [F.linear(plain, w) for w in weights], 3) / layers
+            workspace = Workspace(dev)
+            timed = []
+            for config in configs(n, k, num_sms):
+                workspace.reserve(n, config)
+                try:
+                    us = _graph_time_us(lambda c=config: [gemv(x, w, None, c, workspace, prologue, residual, norm, 1e-6)
+                                                          for w in weights], 3) / layers
+                except Exception as e:  # a config the compiler rejects is not a candidate
+                    print(f"{shape} {name} {config}: {type(e).__name__}", flush=True)
+                    continue
+                timed.append((us, config))
+            timed.sort(key=lambda t: t[0])
+            nbytes = n * k * 2
+            for rank, (us, config) in enumerate(timed[:3]):
+                rows.append({"shape": shape, "projection": name, "prologue": prologue, "rank": rank + 1, "config": str(config),
+                             "num_stages": config.num_stages, "us": us, "gb_s": nbytes / us / 1e3, "cublas_us": cublas,
+                             "vs_cublas": cublas / us, "configs_timed": len(timed)})
+            print(f"{shape} {name}: best {timed[0][1]} {timed[0][0]:.2f} us vs cuBLAS {cublas:.2f} us", flush=True)
+            save_results(args.out, "gemv_sweep", args, rows)
+            weights = []  # free this projection's weights before the next one
+            torch.cuda.empty_cache()
+    print_table("GEMV sweep at batch 1 (top 3 per projection; PDL on; cuBLAS = F.linear alone)", rows, [
+        ("shape", "shape"), ("projection", "proj"), ("rank", "#"), ("config", "config"), ("num_stages", "stages"), ("us", "us"),
+        ("gb_s", "GB/s"), ("cublas_us", "cuBLAS us"), ("vs_cublas", "x cuBLAS"), ("configs_timed", "timed")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
