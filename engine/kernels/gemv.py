@@ -254,10 +254,13 @@ def _check(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace:
 def candidate_configs(n: int, k: int, m: int, num_sms: int) -> list[GemvConfig]:
     """A handful of configs for one (N, K, M): each shape family with the split-K that gives the
     grid about four programs per SM (capped so every split keeps at least one K tile)."""
-    # (block_m, block_n, block_k, warps, stages); few on purpose: each is a Triton compile at start-up
+    # (block_m, block_n, block_k, warps, stages); few on purpose: each is a Triton compile at start-up.
+    # The row configs are the winners of bench/gemv_sweep.py (108 configs per projection of the 0.6B and
+    # 1B shapes on an H100, BENCHMARKS.md): long K tiles for the wide gate_up, short ones with 8 warps
+    # and a deep split for the narrow o/down/qkv
     shapes = [(16, 32, 128, 4, 4), (16, 64, 64, 4, 4)]
     if m == 1:
-        shapes += [(1, 16, 256, 4, 2), (1, 32, 256, 8, 2)]
+        shapes += [(1, 8, 512, 4, 2), (1, 16, 512, 4, 2), (1, 8, 128, 8, 2), (1, 16, 128, 8, 2), (1, 32, 128, 8, 2)]
     configs = []
     for block_m, block_n, block_k, warps, stages in shapes:
         tiles = triton.cdiv(n, block_n)
