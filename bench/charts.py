@@ -177,6 +177,28 @@ SIDE_COLORS = {"ours": "#1f77b4", "trl": "#ff7f0e", "trl_liger": "#2ca02c"}
 VARIANT_COLORS = ("#9467bd", "#17becf", "#8c564b", "#e377c2")  # ours-NAME sides, in order of appearance
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (bench machines have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, title: str | None = None) -> Path:
+    """Title (when given), lay out, write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def side_color(side: str, sides: list[str]) -> str | None:
     if side in SIDE_COLORS:
         return SIDE_COLORS[side]
@@ -186,10 +208,7 @@ def side_color(side: str, sides: list[str]) -> str | None:
 
 def latency_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """engine_latency: TTFT with prefix caching on/off; the decode stall with chunked prefill on/off."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     cases = {r.get("case"): r for r in data.get("rows", []) if not r.get("error")}
     ttft = (("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"))
@@ -212,21 +231,14 @@ def latency_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"engine_latency on {_gpu(data)} ({data.get('commit', '?')}, {data.get('shape', '?')})")
-    fig.tight_layout()
-    path = out_dir / "engine_latency.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / "engine_latency.png",
+                  f"engine_latency on {_gpu(data)} ({data.get('commit', '?')}, {data.get('shape', '?')})")]
 
 
 def engine_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """engine_throughput: output tokens/s per side (log scale, ratios to ours on the bars); batch-1 decode
     ms per token and GPU replay ms per variant against the roofline and the 1.3x target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = [r for r in data.get("rows", []) if isinstance(r, dict) and not r.get("error")]
     throughput = [r for r in rows if r.get("tok_per_s")]
@@ -266,20 +278,12 @@ def engine_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_title("batch-1 greedy decode", fontsize=10)
             ax.legend(fontsize=7, loc="lower center", framealpha=0.9)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")
-    fig.tight_layout()
-    path = out_dir / f"{_name(data)}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / f"{_name(data)}.png", f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")]
 
 
 def step_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """dpo_step / grpo_step: seconds per optimizer step and peak memory per side (ratios to TRL on the bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = [r for r in data.get("rows", []) if isinstance(r, dict) and r.get("step_s")]
     if not rows:
@@ -295,21 +299,13 @@ def step_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
                             ha="center", va="bottom", fontsize=8)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")
-    fig.tight_layout()
-    path = out_dir / f"{_name(data)}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / f"{_name(data)}.png", f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")]
 
 
 def serve_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """serve_gpu: offline throughput with 0/1/8/32 adapters relative to the base model (min-max over rounds as
     whiskers, the 0.75x target); online TTFT and TPOT percentiles per request rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = [r for r in data.get("rows", []) if isinstance(r, dict) and not r.get("error")]
     offline = [r for r in rows if str(r.get("case", "")).startswith("offline") and r.get("vs_base") is not None]
@@ -340,20 +336,12 @@ def serve_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_title("HTTP server: latency per request rate", fontsize=9)
             ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")
-    fig.tight_layout()
-    path = out_dir / f"{_name(data)}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / f"{_name(data)}.png", f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")]
 
 
 def _bars(out_dir: Path, data: dict[str, Any], panels: list[tuple[list[str], list[float], str, float | None]]) -> list[Path]:
     """One bar panel per (labels, values, y label, dashed reference line or None); saved as the result's PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     width = sum(max(4.5, 1.1 * len(labels)) for labels, *_ in panels)
     fig, axes = plt.subplots(1, len(panels), figsize=(width, 4), dpi=120, squeeze=False)
@@ -364,12 +352,7 @@ def _bars(out_dir: Path, data: dict[str, Any], panels: list[tuple[list[str], lis
             ax.axhline(line, color="red", ls="--", lw=1)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")
-    fig.tight_layout()
-    path = out_dir / f"{_name(data)}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / f"{_name(data)}.png", f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")]
 
 
 def distill_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -407,10 +390,7 @@ def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
         return distill_chart(data, out_dir)
     if data.get("bench") == "export_gpu":
         return export_chart(data, out_dir)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     measured = [r for r in data.get("rows", []) if isinstance(r, dict) and r.get("tokens_per_s")]
     if not measured:
@@ -434,11 +414,7 @@ def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[1].axhline(100 * data["target_mfu"], color="red", ls="--", lw=1, label=f"target {data['target_mfu']:.0%}")
     axes[0].legend()
     axes[1].legend()
-    fig.suptitle(f"{data['bench']} on {_gpu(data)} ({data.get('commit', '?')})")
-    fig.tight_layout()
-    paths = [out_dir / f"{data['bench']}.png"]
-    fig.savefig(paths[0])
-    plt.close(fig)
+    paths = [_save(fig, out_dir / f"{data['bench']}.png", f"{data['bench']} on {_gpu(data)} ({data.get('commit', '?')})")]
 
     curves = [r for r in measured if r.get("losses")]
     if curves:
@@ -451,10 +427,7 @@ def chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend()
         axes[0][0].set_ylabel("training loss")
-        fig.tight_layout()
-        paths.append(out_dir / f"{data['bench']}-loss.png")
-        fig.savefig(paths[-1])
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / f"{data['bench']}-loss.png"))
     return paths
 
 
