@@ -50,8 +50,7 @@ class ModelRunner:
             from engine.kernels import set_pdl
 
             set_pdl(config.pdl)  # process-wide, read at every launch: set before tuning and capture
-        if device.type == "cuda":  # enforce_eager too: it differs from the graph path by the graphs alone
-            compile_fused_ops(self.model)
+            compile_fused_ops(self.model)  # enforce_eager too: it differs from the graph path by the graphs alone
         self.gemv_tuning: list[dict] = []  # one row per (projection group, batch bucket): the timed choice
         self._gemv_plans: dict = {}
         if device.type == "cuda" and config.gemv:
@@ -163,8 +162,15 @@ class ModelRunner:
             return None
         from engine.kernels.paged_attention import decode_splits
 
-        bucket = next((b for b in self.graph_buckets if b >= num_seqs), num_seqs)
-        return decode_splits(bucket, self.args.num_kv_heads, self.max_blocks_per_seq * self.block_size)
+        return decode_splits(self._bucket(num_seqs), self.args.num_kv_heads, self.max_blocks_per_seq * self.block_size)
+
+    def _bucket(self, num_seqs: int) -> int:
+        """The smallest graph bucket holding ``num_seqs`` rows (``num_seqs`` itself past the largest)."""
+        return next((b for b in self.graph_buckets if b >= num_seqs), num_seqs)
+
+    def _slot(self, block_table: list[int], position: int) -> int:
+        """The KV-cache slot of a sequence's token at ``position``."""
+        return block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def _context(self, slots: list[int], block_tables: list[list[int]], seqlens_q: list[int], context_lens: list[int],
                  is_decode: bool) -> Context:
@@ -187,14 +193,13 @@ class ModelRunner:
         )
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Context]:
-        bs = self.block_size
         ids, positions, slots, seqlens_q, context_lens = [], [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend(self._slot(table, p) for p in range(start, end))
             seqlens_q.append(n)
             context_lens.append(end)
         ctx = self._context(slots, [s.block_table for s in batch.seqs], seqlens_q, context_lens, batch.is_decode)
@@ -263,19 +268,18 @@ class ModelRunner:
         ahead, self._ahead = self._ahead, None
         n = len(seqs)
         if self.graphs and n <= self.graph_buckets[-1]:
-            bucket = next(b for b in self.graph_buckets if b >= n)
+            bucket = self._bucket(n)
             if ahead is None or ahead != _decode_key(seqs):
                 self._replay(seqs)  # step 1 (else launch_ahead already queued it)
             for _ in range(k - 1):  # each replay starts from the inputs the previous one advanced
                 self.graphs[bucket].replay()
             return self.g_hist[:k, :n]
-        bs = self.block_size
         ids = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long, device=self.device)
         adapters = [s.adapter_id for s in seqs]
         tokens = []
         for step in range(k):
             positions = [len(s) - 1 + step for s in seqs]
-            slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+            slots = [self._slot(s.block_table, p) for s, p in zip(seqs, positions)]
             ctx = self._context(slots, [s.block_table for s in seqs], [1] * n, [p + 1 for p in positions], True)
             if self.lora is not None:
                 ctx.adapter_ids = self.lora.token_slots(adapters, [1] * n, self.device)
@@ -294,17 +298,22 @@ class ModelRunner:
         cached tokens (block 0 repeated) but store nothing and never advance (slot -1), and return the
         bucket's graph, so timing loops can replay it any number of times without touching the cache."""
         self._ahead = None
-        bucket = next(b for b in self.graph_buckets if b >= batch_size)
+        bucket = self._bucket(batch_size)
         vec, tables = self.h_vec, self.h_tables
         self.copy_done.synchronize()
         vec[:, :bucket] = 0
         vec[1, :batch_size], vec[2, :bucket], vec[3, :bucket] = context_len - 1, -1, -1
         vec[4, :batch_size] = context_len
         tables[:bucket] = 0
-        used = 6 * tables.shape[0] + bucket * tables.shape[1]
+        self._upload(bucket)
+        return self.graphs[bucket]
+
+    def _upload(self, bucket: int) -> None:
+        """Copy the staged inputs of ``bucket`` rows to the graphs' buffer (one async H2D copy; the
+        event lets the host know when it may rewrite the staging buffer)."""
+        used = _INPUT_ROWS * self.h_tables.shape[0] + bucket * self.h_tables.shape[1]
         self.g_buf[:used].copy_(self.h_buf[:used], non_blocking=True)
         self.copy_done.record()
-        return self.graphs[bucket]
 
     # ---------------------------------------------------------------- CUDA graphs
     @torch.inference_mode()
@@ -316,14 +325,15 @@ class ModelRunner:
         # One int64 buffer holds every graph input (ids | positions | slots | adapter slots | context
         # lengths | step counter (first entry of its row) | block tables), mirrored by a pinned host
         # buffer: a step is a single H2D copy.
-        self.g_buf = torch.zeros(6 * max_bs + max_bs * width, dtype=torch.long, device=self.device)
+        rows = _INPUT_ROWS * max_bs
+        self.g_buf = torch.zeros(rows + max_bs * width, dtype=torch.long, device=self.device)
         self.h_buf = torch.zeros_like(self.g_buf, device="cpu").pin_memory()
         self.h_np = self.h_buf.numpy()
-        self.h_vec = self.h_np[:6 * max_bs].reshape(6, max_bs)
-        self.h_tables = self.h_np[6 * max_bs:].reshape(max_bs, width)
-        ids, pos, slots, adapter, lens, counter = self.g_buf[:6 * max_bs].view(6, max_bs)
+        self.h_vec = self.h_np[:rows].reshape(_INPUT_ROWS, max_bs)
+        self.h_tables = self.h_np[rows:].reshape(max_bs, width)
+        ids, pos, slots, adapter, lens, counter = self.g_buf[:rows].view(_INPUT_ROWS, max_bs)
         counter = counter[:1]
-        tables = self.g_buf[6 * max_bs:].view(max_bs, width)
+        tables = self.g_buf[rows:].view(max_bs, width)
         self.g_out = torch.zeros(max_bs, self.args.hidden_size, dtype=self.dtype, device=self.device)
         self.g_logits = torch.zeros(max_bs, self.args.vocab_size, dtype=torch.float32, device=self.device)
         self.g_tokens = torch.zeros(max_bs, dtype=torch.long, device=self.device)
@@ -358,23 +368,21 @@ class ModelRunner:
     def _replay(self, seqs: list) -> torch.Tensor:
         """A decode step of ``seqs`` through its bucket's graph."""
         n = len(seqs)
-        bucket = next(b for b in self.graph_buckets if b >= n)
-        vec, tables, bs = self.h_vec, self.h_tables, self.block_size
+        bucket = self._bucket(n)
+        vec, tables = self.h_vec, self.h_tables
         ids, pos, slots, adapter, lens, counter = vec
         self.copy_done.synchronize()  # a launch_ahead copy may still be reading the staging buffer
         for i, seq in enumerate(seqs):
             p = len(seq) - 1
             table = seq.block_table
             ids[i], pos[i], lens[i] = seq.token_ids[p], p, p + 1
-            slots[i] = table[p // bs] * bs + p % bs
+            slots[i] = self._slot(table, p)
             tables[i, :len(table)] = table
             if self.lora is not None:
                 adapter[i] = self.lora.slot_by_id[seq.adapter_id] if seq.adapter_id else -1
         slots[n:bucket], lens[n:bucket], adapter[n:bucket] = -1, 0, -1  # padding rows: no store, no attention
         counter[0] = 0  # this replay's tokens go to history row 0
-        used = 6 * tables.shape[0] + bucket * tables.shape[1]
-        self.g_buf[:used].copy_(self.h_buf[:used], non_blocking=True)
-        self.copy_done.record()
+        self._upload(bucket)
         self.graphs[bucket].replay()
         return self._graph_outputs(n)
 
@@ -382,6 +390,9 @@ class ModelRunner:
         hidden = self.g_out[:n]
         self._graph_logits = (hidden, self.g_logits)
         return hidden
+
+
+_INPUT_ROWS = 6  # per-row graph inputs: ids, positions, slots, adapter slots, context lengths, the step counter
 
 
 def _decode_key(seqs: list) -> tuple:
