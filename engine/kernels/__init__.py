@@ -38,11 +38,6 @@ def set_pdl(enabled: bool) -> None:
     _pdl_enabled = bool(enabled)
 
 
-def pdl_enabled() -> bool:
-    """The switch (default on); the kernels use PDL only where it is also supported: ``use_pdl``."""
-    return _pdl_enabled
-
-
 def use_pdl(device: torch.device | str) -> bool:
     """What a wrapper passes as ``USE_PDL`` / ``launch_pdl`` for a kernel on ``device``."""
     return _pdl_enabled and pdl_supported(device)

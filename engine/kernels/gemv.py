@@ -27,7 +27,7 @@ elementwise, so no program waits on a reduction before streaming weights:
 
 PDL (``USE_PDL``, engine/kernels/__init__.py): the first weight tile is loaded before ``gdc_wait``,
 so at batch 1 the kernel's launch and first HBM round trip overlap the previous kernel's tail;
-everything else (x, residual, workspace, outputs) waits. The loop's first iteration is peeled to
+everything else (x, the rows' 1/rms, workspace, outputs) waits. The loop's first iteration is peeled to
 use that tile, with the same sums in the same order, so results equal the kernel without PDL.
 """
 from __future__ import annotations
@@ -255,8 +255,8 @@ def candidate_configs(n: int, k: int, m: int, num_sms: int) -> list[GemvConfig]:
     """A handful of configs for one (N, K, M): each shape family with the split-K that gives the
     grid about four programs per SM (capped so every split keeps at least one K tile)."""
     # (block_m, block_n, block_k, warps, stages); few on purpose: each is a Triton compile at start-up.
-    # The row configs are the winners of bench/gemv_sweep.py (108 configs per projection of the 0.6B and
-    # 1B shapes on an H100, BENCHMARKS.md): long K tiles for the wide gate_up, short ones with 8 warps
+    # The row configs are the winners of bench/gemv_sweep.py (28-34 configs per layer projection of the
+    # 0.6B and 1B shapes on an H100, BENCHMARKS.md): long K tiles for the wide gate_up, short ones with 8 warps
     # and a deep split for the narrow o/down/qkv
     shapes = [(16, 32, 128, 4, 4), (16, 64, 64, 4, 4)]
     if m == 1:
