@@ -4,7 +4,7 @@ Caches are ``[num_blocks, block_size, kv_heads, head_dim]``. Both attention kern
 rows through the block table (``slot = table[pos // block_size] * block_size + pos % block_size``),
 so the tile size is independent of the block size. Softmax is the online (flash) form in fp32.
 
-The decode-path kernels (KV store, decode attention, its split combine) take ``USE_PDL``
+The decode-path kernels (decode attention, its split combine) take ``USE_PDL``
 (engine/kernels/__init__.py): they read only the step's activations and caches, so each waits for
 its predecessor before its first load and only lets the next kernel's launch start early.
 """
@@ -26,10 +26,7 @@ def _precision(q: torch.Tensor) -> str:
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_stride, v_stride,
-                     WIDTH: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()  # k, v, the slots and the cache all belong to the step
+                     WIDTH: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     offs = tl.arange(0, BLOCK)
@@ -43,12 +40,13 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_stride,
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k, v: [T, kv_heads, head_dim] with contiguous rows (views into the fused qkv output are fine).
-    (The engine's Triton backend stores K/V in its fused RoPE kernel, engine/kernels/rope_kv.py.)"""
+    No longer on the engine's path — its Triton backend stores K/V in the fused RoPE kernel
+    (engine/kernels/rope_kv.py); kept as the previous path that bench/decode_kernels_gpu.py measures
+    the fused kernel against."""
     num_tokens, width = k.shape[0], k.shape[1] * k.shape[2]
     assert k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2] and k.stride(2) == v.stride(2) == 1
-    pdl = use_pdl(k.device)
     _store_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                    WIDTH=width, BLOCK=triton.next_power_of_2(width), USE_PDL=pdl, launch_pdl=pdl)
+                                    WIDTH=width, BLOCK=triton.next_power_of_2(width))
 
 
 @triton.jit
