@@ -115,9 +115,7 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 
 # bs1 settings measured side by side in one engine: (name, changes from the engine defaults); GPU-only
 # switches (gemv, pdl) go through ModelRunner.set_kernels, decode_steps through the engine config
-VARIANTS = (("default", {}), ("no prefetch", {"prefetch_mb": 0}), ("prefetch 8", {"prefetch_mb": 8}),
-            ("prefetch 32", {"prefetch_mb": 32}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}),
-            ("cublas", {"gemv": False}))
+VARIANTS = (("default", {}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}))
 
 
 def decode_roofline(llm, steps: int = 200) -> dict:
@@ -131,12 +129,11 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     roofline = nbytes / bandwidth
     row = {"weight_gb": nbytes / 1e9, "copy_bw_gb_s": bandwidth / 1e9, "roofline_ms": roofline * 1e3}
     on_gpu = engine.device.type == "cuda"
-    default_steps, default_prefetch = engine.config.decode_steps, engine.config.prefetch_mb
+    default_steps = engine.config.decode_steps
     for variant, changes in VARIANTS:
         kernels = {key: changes.get(key, True) for key in ("gemv", "pdl")}
-        kernels["prefetch_mb"] = changes.get("prefetch_mb", default_prefetch)
         if not on_gpu and changes.keys() & kernels.keys():
-            continue  # no GEMV, PDL or prefetch on CPU: the same as the defaults
+            continue  # no GEMV or PDL on CPU: the same as the defaults
         if on_gpu:
             runner.set_kernels(**kernels)  # recaptures the decode graphs
         engine.config.decode_steps = changes.get("decode_steps", default_steps)
@@ -147,7 +144,7 @@ def decode_roofline(llm, steps: int = 200) -> dict:
               flush=True)
     engine.config.decode_steps = default_steps
     if on_gpu:
-        runner.set_kernels(gemv=True, pdl=True, prefetch_mb=default_prefetch)
+        runner.set_kernels(gemv=True, pdl=True)
         row["replay_profile"] = replay_profile(engine)
         row["gemv_choices"] = runner.gemv_tuning
         print_table("GEMV choice per projection group (timed at start-up, all layers' weights in one CUDA graph)",
@@ -394,8 +391,8 @@ def main() -> int:
         ], notes=["target (H100): bs1 decode step <= 1.3x roofline",
                   "ms / token: wall time per generated token (engine steps incl. scheduling, copies, replays, token read); "
                   "replay: GPU time of one decode graph alone",
-                  "variants: default = engine defaults; no prefetch / prefetch N = engine.prefetch_mb=0 / N; "
-                  "1 step = engine.decode_steps=1; no PDL = engine.pdl=false; cublas = engine.gemv=false"])
+                  "variants: default = engine defaults; 1 step = engine.decode_steps=1; no PDL = engine.pdl=false; "
+                  "cublas = engine.gemv=false"])
     for row in rows:
         if row.get("partial"):
             print(f"note: {row['shape']} transformers side is partial ({row['requests']} requests)")

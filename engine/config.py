@@ -19,9 +19,6 @@ class EngineConfig:
     enforce_eager: bool = False  # GPU: skip CUDA-graph capture of decode steps
     gemv: bool = True  # GPU: Triton GEMV for projections at <= 8 rows (tuned against cuBLAS at start-up)
     pdl: bool = True  # GPU (Hopper+): programmatic dependent launch of the decode-path Triton kernels (engine/kernels)
-    # GPU, batch <= 8 with the GEMV: every decode-path kernel asks the L2 for the weights this many MB ahead
-    # of the stream, so HBM keeps streaming while the chain runs norms, RoPE and attention (engine/kernels/prefetch.py); 0 = off
-    prefetch_mb: int = 16
     launch_ahead: bool = True  # GPU graphs: queue the next decode step before step() returns (hides host time)
     # greedy decode steps run back to back on the device per engine step, each feeding its argmax to the
     # next, tokens read once at the end (vLLM's multi-step scheduling): the host's share of a step is
@@ -41,8 +38,6 @@ class EngineConfig:
                      "decode_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"engine.{name} must be > 0 (got {getattr(self, name)})")
-        if self.prefetch_mb < 0:
-            raise ConfigError(f"engine.prefetch_mb must be >= 0 (got {self.prefetch_mb}; 0 turns the L2 weight prefetch off)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):

@@ -77,14 +77,11 @@ class ModelRunner:
         self.gemv_tuning = plan(self.model.projections(), self.device)
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
 
-    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, prefetch_mb: int | None = None) -> None:
-        """Switch the Triton GEMV and/or PDL on or off, or set the L2 weight prefetch's lookahead
-        (benchmarks A/B them in one process); recaptures the graphs, which keep the kernels, launch
-        attributes and prefetch ranges they were captured with."""
+    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None) -> None:
+        """Switch the Triton GEMV and/or PDL on or off (benchmarks A/B them in one process); recaptures
+        the graphs, which keep the kernels and launch attributes they were captured with."""
         if self.device.type != "cuda":
-            raise RuntimeError("the Triton GEMV, PDL and the L2 weight prefetch run on CUDA only")
-        if prefetch_mb is not None:
-            self.config.prefetch_mb = prefetch_mb
+            raise RuntimeError("the Triton GEMV and PDL run on CUDA only")
         if pdl is not None:
             from engine.kernels import set_pdl
 
@@ -319,22 +316,8 @@ class ModelRunner:
         self.copy_done.record()
 
     # ---------------------------------------------------------------- CUDA graphs
-    def _weight_stream(self, bucket: int):
-        """The L2 prefetch plan for a decode graph of ``bucket`` rows: the projections' weights in decode
-        order, when their GEMV runs at that size (engine/kernels/prefetch.py); None otherwise."""
-        from engine.kernels.gemv import MAX_M
-        from engine.kernels.prefetch import WeightStream
-
-        if self.config.prefetch_mb <= 0 or bucket > MAX_M:
-            return None
-        linears = [p.linear for p in self.model.projections()]
-        if not any(linear.gemv is not None and linear.gemv.config_for(bucket) is not None for linear in linears):
-            return None  # cuBLAS throughout: no GEMV moves the stream's cursor
-        return WeightStream([linear.weight for linear in linears], self.config.prefetch_mb * 2 ** 20)
-
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
-        from engine.kernels import prefetch
         from engine.kernels.argmax import Argmax
         from engine.kernels.decode_advance import advance_decode_inputs
 
@@ -366,13 +349,10 @@ class ModelRunner:
                           decode_splits=self._decode_splits(b))
             set_context(ctx)
 
-            stream = self._weight_stream(b)
-
             def step():
-                with prefetch.activate(stream):  # the prefetch ranges become kernel arguments of the graph
-                    self.g_out[:b] = self.model(ids[:b], pos[:b])
-                    self.g_logits[:b] = self.model.compute_logits(self.g_out[:b])
-                    argmax(self.g_logits[:b], self.g_tokens[:b])  # greedy on device: the host reads only tokens
+                self.g_out[:b] = self.model(ids[:b], pos[:b])
+                self.g_logits[:b] = self.model.compute_logits(self.g_out[:b])
+                argmax(self.g_logits[:b], self.g_tokens[:b])  # greedy on device: the host reads only tokens
                 advance_decode_inputs(ids[:b], pos[:b], slots[:b], lens[:b], tables[:b], self.g_tokens[:b], self.g_hist,
                                       counter, self.block_size)
 

@@ -12,17 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import prefetch
-from engine.kernels.prefetch import prefetch_l2
-
 CHUNK = 4096  # logits per program: 16 KB of fp32, a few hundred ns of traffic
 
 
 @triton.jit
-def _chunk_max_kernel(x_ptr, part_val_ptr, part_idx_ptr, V, x_stride, num_chunks, pf_addr, pf_bytes, CHUNK: tl.constexpr,
-                      PREFETCH: tl.constexpr):
-    if PREFETCH:  # the next step's first weights (engine/kernels/prefetch.py), after the LM head's stream
-        prefetch_l2(pf_addr, pf_bytes, 128)
+def _chunk_max_kernel(x_ptr, part_val_ptr, part_idx_ptr, V, x_stride, num_chunks, CHUNK: tl.constexpr):
     row, chunk = tl.program_id(0), tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(x_ptr + row * x_stride + offs, mask=offs < V, other=float("-inf"))
@@ -57,9 +51,8 @@ class Argmax:
         rows, vocab = logits.shape
         assert logits.dtype == torch.float32 and logits.stride(1) == 1 and triton.cdiv(vocab, CHUNK) == self.num_chunks
         assert rows <= self.values.shape[0] and out.shape == (rows,) and out.dtype == torch.long
-        pf = prefetch.take()
         _chunk_max_kernel[(rows, self.num_chunks)](logits, self.values, self.indices, vocab, logits.stride(0), self.num_chunks,
-                                                   *pf, CHUNK=CHUNK, PREFETCH=pf[1] > 0)
+                                                   CHUNK=CHUNK)
         _row_max_kernel[(rows,)](self.values, self.indices, out, self.num_chunks,
                                  BLOCK=max(triton.next_power_of_2(self.num_chunks), 16))
         return out

@@ -38,8 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import prefetch, use_pdl
-from engine.kernels.prefetch import prefetch_l2
+from engine.kernels import use_pdl
 
 MAX_M = 8  # beyond this the weight tile is reused enough that cuBLAS's GEMM wins
 PROLOGUES = ("none", "add_rms_norm", "silu_mul")
@@ -87,16 +86,12 @@ def _add_rounded(a, b):
 
 
 @triton.jit
-def _rms_stats_kernel(x_ptr, res_ptr, h_ptr, inv_ptr, K, x_stride, eps, pf_addr, pf_bytes,
-                      HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-                      PREFETCH: tl.constexpr, PF_LANES: tl.constexpr):
+def _rms_stats_kernel(x_ptr, res_ptr, h_ptr, inv_ptr, K, x_stride, eps,
+                      HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """One program per row: ``h = x + residual`` (rounded to the dtype, stored when there is a residual)
     and ``1 / rms(h)`` in fp32, for the GEMV's ``add_rms_norm`` prologue."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    if PREFETCH:  # the next weights (engine/kernels/prefetch.py): this kernel leaves HBM idle
-        prefetch_l2(pf_addr, pf_bytes, PF_LANES)
-    if USE_PDL:
         tl.extra.cuda.gdc_wait()  # x and the residual belong to the step
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
@@ -111,11 +106,10 @@ def _rms_stats_kernel(x_ptr, res_ptr, h_ptr, inv_ptr, K, x_stride, eps, pf_addr,
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, ticket_ptr,
-                 M, N, K, x_stride, pf_addr, pf_bytes,
+                 M, N, K, x_stride,
                  PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 K_TILES: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr, PF_LANES: tl.constexpr, WEIGHT_EVICT: tl.constexpr):
+                 K_TILES: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     tile = tl.program_id(0)
@@ -131,10 +125,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         # without PDL compiles exactly as before; the compiler merges the two.)
         k0 = split * (K_TILES * BLOCK_K) + tl.arange(0, BLOCK_K)
         w0 = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + k0[None, :], mask=mask_n[:, None] & (k0 < K)[None, :],
-                     other=0.0, eviction_policy=WEIGHT_EVICT)
-    if PREFETCH:  # weights of the kernels after this one (engine/kernels/prefetch.py)
-        prefetch_l2(pf_addr, pf_bytes, PF_LANES)
-    if USE_PDL:
+                     other=0.0)
         tl.extra.cuda.gdc_wait()
     inv_rms = tl.zeros([BLOCK_M], tl.float32)
     if PROLOGUE == 1:
@@ -151,7 +142,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         for t in range(T0, K_TILES):
             k = k_first + t * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = k < K
-            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy=WEIGHT_EVICT)
+            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             x = _load_x(x_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K, PROLOGUE)
             acc2 += w.to(tl.float32) * x.to(tl.float32)  # x: [1, BLOCK_K] broadcasts over the rows
         acc = tl.sum(acc2, 1)[None, :]
@@ -163,7 +154,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         for t in range(T0, K_TILES):
             k = k_first + t * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = k < K
-            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy=WEIGHT_EVICT)
+            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             x = _load_x(x_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K, PROLOGUE)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -227,24 +218,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
         h = torch.empty(m, k, dtype=x.dtype, device=x.device) if residual is not None else x
         inv_rms = torch.empty(m, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(k)
-        warps = 8 if block >= 4096 else 4
-        pf = prefetch.take()
-        _rms_stats_kernel[(m,)](x, residual if residual is not None else x, h, inv_rms, k, x.stride(0), eps, *pf,
-                                HAS_RESIDUAL=residual is not None, BLOCK_K=block, USE_PDL=pdl, PREFETCH=pf[1] > 0,
-                                PF_LANES=prefetch.lanes(warps), num_warps=warps, launch_pdl=pdl)
+        _rms_stats_kernel[(m,)](x, residual if residual is not None else x, h, inv_rms, k, x.stride(0), eps,
+                                HAS_RESIDUAL=residual is not None, BLOCK_K=block, USE_PDL=pdl,
+                                num_warps=8 if block >= 4096 else 4, launch_pdl=pdl)
         x = h
-    pf = prefetch.take(weight)
     k_tiles = triton.cdiv(k, config.split_k * config.block_k)
     grid = (triton.cdiv(n, config.block_n), config.split_k)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else y, y, inv_rms,
         norm_weight if norm_weight is not None else weight, workspace.partials, workspace.tickets,
-        m, n, k, x.stride(0), *pf,
+        m, n, k, x.stride(0),
         PROLOGUE=_PROLOGUE_ID[prologue], HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         K_TILES=k_tiles, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", USE_PDL=pdl,
-        # with a weight stream, weights are read once from lines prefetched or streamed past: evict those first
-        PREFETCH=pf[1] > 0, PF_LANES=prefetch.lanes(config.num_warps), WEIGHT_EVICT="evict_first" if prefetch.streaming() else "",
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if prologue == "add_rms_norm":

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import prefetch, use_pdl
-from engine.kernels.prefetch import prefetch_l2
+from engine.kernels import use_pdl
 
 _LOG2E = 1.4426950408889634
 
@@ -67,17 +66,14 @@ def _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head,
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_ptr, lens_ptr, scale_log2,
-                   table_stride, q_stride, pf_addr, pf_bytes,
+                   table_stride, q_stride,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-                   USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                   USE_PDL: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum) for ``_combine_kernel``."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    if PREFETCH:  # the next weights (engine/kernels/prefetch.py): attention leaves HBM mostly idle
-        prefetch_l2(pf_addr, pf_bytes, 128)
-    if USE_PDL:
         tl.extra.cuda.gdc_wait()  # q, the cache, the tables and lengths all belong to the step
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -121,14 +117,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_pt
 
 
 @triton.jit
-def _combine_kernel(part_ptr, out_ptr, q_stride, pf_addr, pf_bytes, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
+def _combine_kernel(part_ptr, out_ptr, q_stride, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """Merges the splits of one (sequence, head): rescale each partial to the global max, then sum."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    if PREFETCH:
-        prefetch_l2(pf_addr, pf_bytes, 128)
-    if USE_PDL:
         tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -172,17 +165,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     partials = (torch.empty(num_seqs, num_heads, num_splits, head_dim + 2, dtype=torch.float32, device=q.device)
                 if num_splits > 1 else out)
     pdl = use_pdl(q.device)
-    pf = prefetch.take()
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partials, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0), q.stride(0),
-        *pf, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q),
-        USE_PDL=pdl, PREFETCH=pf[1] > 0, launch_pdl=pdl,
+        USE_PDL=pdl, launch_pdl=pdl,
     )
     if num_splits > 1:
-        pf = prefetch.take()
-        _combine_kernel[(num_seqs, num_heads)](partials, out, q.stride(0), *pf, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-                                               NUM_SPLITS=num_splits, USE_PDL=pdl, PREFETCH=pf[1] > 0, launch_pdl=pdl)
+        _combine_kernel[(num_seqs, num_heads)](partials, out, q.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+                                               NUM_SPLITS=num_splits, USE_PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import prefetch, use_pdl
-from engine.kernels.prefetch import prefetch_l2
+from engine.kernels import use_pdl
 
 
 @triton.jit
@@ -36,13 +35,11 @@ def _rounded(x, dtype: tl.constexpr):
 
 @triton.jit
 def _rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                    qkv_stride, table_stride, eps, pf_addr, pf_bytes,
+                    qkv_stride, table_stride, eps,
                     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-                    QK_NORM: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                    QK_NORM: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    if PREFETCH:  # the next weights (engine/kernels/prefetch.py)
-        prefetch_l2(pf_addr, pf_bytes, 32)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -112,12 +109,11 @@ def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
         raise ValueError(f"rope_store_kv: q/k norm weights ({q_norm_weight.dtype}) must be in the activation dtype {qkv.dtype}")
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     pdl = use_pdl(qkv.device)
-    pf = prefetch.take()
     _rope_kv_kernel[(num_tokens, num_heads + num_kv_heads)](
         qkv, positions, cos, sin, q_norm_weight if qk_norm else cos, k_norm_weight if qk_norm else cos,
-        q, k_cache, v_cache, slot_mapping, qkv.stride(0), cos.stride(0), eps, *pf,
+        q, k_cache, v_cache, slot_mapping, qkv.stride(0), cos.stride(0), eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        HALF_PAD=triton.next_power_of_2(head_dim // 2), QK_NORM=qk_norm, USE_PDL=pdl, PREFETCH=pf[1] > 0,
+        HALF_PAD=triton.next_power_of_2(head_dim // 2), QK_NORM=qk_norm, USE_PDL=pdl,
         # a head is at most a few hundred elements: one warp; no FMA contraction (torch's rounding)
         num_warps=1, enable_fp_fusion=False, launch_pdl=pdl,
     )
