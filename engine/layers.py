@@ -59,18 +59,36 @@ def _prologue_config(linear: nn.Module, x: torch.Tensor):
     return linear.gemv_config(x)
 
 
-def norm_linear(norm: "RMSNorm", linear: Linear, x: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_linear(norm: "RMSNorm", linear: Linear, x: torch.Tensor, residual: torch.Tensor | None,
+                stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(linear(norm(x + residual)), x + residual)`` (no residual: ``(linear(norm(x)), x)``). At
-    decode batch sizes on CUDA one GEMV kernel does it all: the add and the norm run in its prologue."""
+    decode batch sizes on CUDA one GEMV kernel does it all: the add and the norm run in its prologue.
+    ``stats`` (from ``linear_residual``): x already holds the residual, and the GEMV that added it
+    left its sums of squares, so the norm needs no statistics kernel of its own."""
     config = _prologue_config(linear, x)
     if config is not None:
         from engine.kernels.gemv import gemv
 
         return gemv(x, linear.weight, linear.bias, config, linear.gemv.workspace, "add_rms_norm", residual,
-                    norm.weight, norm.eps)
+                    norm.weight, norm.eps, stats=stats)
     h, residual = (norm(x), x) if residual is None else norm(x, residual)
     return linear(h), residual
+
+
+def linear_residual(linear: Linear, x: torch.Tensor, residual: torch.Tensor | None,
+                    act: "SiluAndMul | None" = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The projection that ends a block (o_proj; down_proj of ``act(x)``) and the residual stream after it:
+    ``(y, residual, None)``, the add left to the next norm — or, at decode batch sizes on CUDA,
+    ``(y + residual, None, stats)``: the GEMV adds the residual in its epilogue and leaves the sums of
+    squares the next norm needs (``norm_linear(..., stats=)``), one kernel per norm fewer."""
+    config = _prologue_config(linear, x) if residual is not None and residual.is_contiguous() else None
+    if config is None:
+        return (linear(x) if act is None else act_linear(act, linear, x)), residual, None
+    from engine.kernels.gemv import gemv
+
+    h, stats = gemv(x, linear.weight, linear.bias, config, linear.gemv.workspace, "none" if act is None else "silu_mul",
+                    add_residual=residual)
+    return h, None, stats
 
 
 def act_linear(act: "SiluAndMul", linear: Linear, x: torch.Tensor) -> torch.Tensor:

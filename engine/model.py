@@ -15,12 +15,17 @@ import torch
 from torch import nn
 
 from engine.attention import PagedAttention
-from engine.layers import Linear, RMSNorm, RotaryEmbedding, SiluAndMul, act_linear, norm_linear
+from engine.layers import Linear, RMSNorm, RotaryEmbedding, SiluAndMul, act_linear, linear_residual, norm_linear
 
 if TYPE_CHECKING:  # the runtime import is local to projections(): it imports Triton, the CUDA path only
     from engine.kernels.gemv_tuning import Projection
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+# The residual stream between blocks: ``(x, residual, stats)``. Either the block's output and the
+# residual still to add (the next norm adds it: ``add_rms_norm``), or — when the block's last GEMV
+# added it in its epilogue — ``(h, None, stats)`` with that GEMV's per-tile sums of h^2 for the norm.
+Stream = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
 
 @dataclass
@@ -99,13 +104,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.attn = PagedAttention(a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, positions: torch.Tensor,
-                rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
-        """(attention output, residual stream): ``norm`` is the layer's input norm, applied to
-        ``h + residual`` (fused into the qkv projection where it can be)."""
-        qkv, residual = norm_linear(norm, self.qkv_proj, h, residual)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, stats: torch.Tensor | None, norm: RMSNorm,
+                positions: torch.Tensor, rope: RotaryEmbedding) -> Stream:
+        """The residual stream after attention (see ``Stream``); ``norm`` is the layer's input norm,
+        applied to ``h + residual`` (fused into the qkv projection where it can be)."""
+        qkv, residual = norm_linear(norm, self.qkv_proj, h, residual, stats)
         out = self.attn(qkv, positions, rope, self.q_norm, self.k_norm)  # q/k norm, RoPE, KV store, attention
-        return self.o_proj(out.flatten(1)), residual
+        return linear_residual(self.o_proj, out.flatten(1), residual)
 
 
 class MLP(nn.Module):
@@ -115,10 +120,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(a.intermediate_size, a.hidden_size, a.mlp_bias)
         self.act = SiluAndMul()
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """(MLP output, residual stream) for ``norm(h + residual)``, the post-attention norm."""
-        gate_up, residual = norm_linear(norm, self.gate_up_proj, h, residual)
-        return act_linear(self.act, self.down_proj, gate_up), residual
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, stats: torch.Tensor | None, norm: RMSNorm) -> Stream:
+        """The residual stream after the MLP of ``norm(h + residual)``, the post-attention norm."""
+        gate_up, residual = norm_linear(norm, self.gate_up_proj, h, residual, stats)
+        return linear_residual(self.down_proj, gate_up, residual, self.act)
 
 
 class DecoderLayer(nn.Module):
@@ -129,13 +134,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the MLP output, the residual stream before it): each residual add happens inside the
-        following norm (``add_rms_norm``), and at decode batch sizes on CUDA that norm runs inside the
-        next projection's GEMV; the values are HF's."""
-        h, residual = self.self_attn(h, residual, self.input_layernorm, positions, rope)
-        return self.mlp(h, residual, self.post_attention_layernorm)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, stats: torch.Tensor | None, positions: torch.Tensor,
+                rope: RotaryEmbedding) -> Stream:
+        """Each residual add happens inside the following norm (``add_rms_norm``); at decode batch sizes
+        on CUDA it runs in the epilogue of the GEMV before that norm and the norm inside the next
+        projection's GEMV (see ``Stream``). The values are HF's either way."""
+        h, residual, stats = self.self_attn(h, residual, stats, self.input_layernorm, positions, rope)
+        return self.mlp(h, residual, stats, self.post_attention_layernorm)
 
 
 class Decoder(nn.Module):
@@ -148,10 +153,10 @@ class Decoder(nn.Module):
         self.rotary_emb = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h, residual = self.embed_tokens(input_ids), None
+        h, residual, stats = self.embed_tokens(input_ids), None, None
         for layer in self.layers:
-            h, residual = layer(h, residual, positions, self.rotary_emb)
-        return self.norm(h, residual)[0]
+            h, residual, stats = layer(h, residual, stats, positions, self.rotary_emb)
+        return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
 
 class CausalLM(nn.Module):

@@ -186,7 +186,8 @@ def check_engine_gemv() -> None:
 
 def check_gemv() -> None:
     """Every candidate config (row and dot kernels, split-K with a ragged last split, bias) and every
-    prologue equals torch: plain, add + RMSNorm (with and without a residual), SiLU * up."""
+    prologue equals torch: plain, add + RMSNorm (with and without a residual), SiLU * up; and the
+    residual-add epilogue with the sums of squares a following add + RMSNorm GEMV takes instead."""
     import torch
     import torch.nn.functional as F
 
@@ -214,6 +215,24 @@ def check_gemv() -> None:
         gate_up = torch.randn(m, 2 * k, generator=g)
         torch.testing.assert_close(gemv(gate_up, w, None, config, workspace, "silu_mul"), F.linear(silu_and_mul(gate_up), w),
                                    **close)
+        # the residual add in the producer's epilogue (o_proj, down_proj) and the norm after it from its sums
+        res = torch.randn(m, n, generator=g)
+        h, stats = gemv(x, w, bias, config, workspace, add_residual=res)
+        torch.testing.assert_close(h, F.linear(x, w, bias) + res, **close)
+        assert stats.shape == (m, -(-n // config.block_n)), stats.shape
+        torch.testing.assert_close(stats.sum(1), (h * h).sum(1), **close)
+        h_act, stats_act = gemv(gate_up, w, None, config, workspace, "silu_mul", add_residual=res)
+        torch.testing.assert_close(h_act, F.linear(silu_and_mul(gate_up), w) + res, **close)
+        w2, norm2 = torch.randn(40, n, generator=g), torch.randn(n, generator=g)
+        workspace.reserve(40, config)
+        y2, h2 = gemv(h, w2, None, config, workspace, "add_rms_norm", None, norm2, 1e-6, stats=stats)
+        assert h2 is h
+        torch.testing.assert_close(y2, F.linear(rms_norm(h, norm2, 1e-6), w2), **close)
+        try:
+            gemv(h, w2, None, config, workspace, "add_rms_norm", res, norm2, 1e-6, stats=stats)
+            raise AssertionError("stats with a residual still to add must be rejected")
+        except ValueError as e:
+            assert "residual=None" in str(e)
         assert not workspace.tickets.any(), "split-K tickets must be back at 0 for the next call / graph replay"
 
 

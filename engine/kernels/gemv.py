@@ -105,9 +105,10 @@ def _rms_stats_kernel(x_ptr, res_ptr, h_ptr, inv_ptr, K, x_stride, eps,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, ticket_ptr,
-                 M, N, K, x_stride,
-                 PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, ticket_ptr, res_ptr, stats_out_ptr,
+                 M, N, K, x_stride, stats_in_tiles, eps,
+                 PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STATS_IN: tl.constexpr, STATS_PAD: tl.constexpr,
+                 ADD_RESIDUAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  K_TILES: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:
@@ -129,7 +130,13 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         tl.extra.cuda.gdc_wait()
     inv_rms = tl.zeros([BLOCK_M], tl.float32)
     if PROLOGUE == 1:
-        inv_rms = tl.load(inv_ptr + offs_m, mask=mask_m, other=0.0)
+        if STATS_IN:  # x is already h: 1/rms from the producing GEMV's per-tile sums of squares, in a fixed order
+            offs_t = tl.arange(0, STATS_PAD)
+            sums = tl.load(inv_ptr + offs_m[:, None] * stats_in_tiles + offs_t[None, :],
+                           mask=mask_m[:, None] & (offs_t < stats_in_tiles)[None, :], other=0.0)
+            inv_rms = tl.rsqrt(tl.sum(sums, 1) / K + eps)
+        else:
+            inv_rms = tl.load(inv_ptr + offs_m, mask=mask_m, other=0.0)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K  # int64: an LM head has > 2^31 weights
     k_first = split * (K_TILES * BLOCK_K)
     # with PDL, tile 0 is peeled off the loop (it uses w0); the sums keep the same order either way
@@ -169,17 +176,27 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for s in tl.static_range(SPLIT_K):  # fixed order: deterministic sums
                 acc += tl.load(part_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
-            _store_out(y_ptr, bias_ptr, acc, offs_n, mask_n, out_offs, out_mask, HAS_BIAS)
+            _store_out(y_ptr, bias_ptr, res_ptr, stats_out_ptr, acc, tile, tl.num_programs(0), offs_m, mask_m, offs_n, mask_n,
+                       out_offs, out_mask, HAS_BIAS, ADD_RESIDUAL)
             tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next call (and the next graph replay)
     else:
-        _store_out(y_ptr, bias_ptr, acc, offs_n, mask_n, out_offs, out_mask, HAS_BIAS)
+        _store_out(y_ptr, bias_ptr, res_ptr, stats_out_ptr, acc, tile, tl.num_programs(0), offs_m, mask_m, offs_n, mask_n,
+                   out_offs, out_mask, HAS_BIAS, ADD_RESIDUAL)
 
 
 @triton.jit
-def _store_out(y_ptr, bias_ptr, acc, offs_n, mask_n, out_offs, out_mask, HAS_BIAS: tl.constexpr):
+def _store_out(y_ptr, bias_ptr, res_ptr, stats_ptr, acc, tile, num_tiles, offs_m, mask_m, offs_n, mask_n, out_offs, out_mask,
+               HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    """The output tile, rounded to the dtype; with ADD_RESIDUAL, ``h = y + residual`` (rounded as torch's
+    16-bit add) instead, plus each row's sum of h^2 over the tile for the next norm (fp32, one slot per tile)."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    y = acc.to(y_ptr.dtype.element_ty)
+    if ADD_RESIDUAL:
+        y = _add_rounded(y, tl.load(res_ptr + out_offs, mask=out_mask, other=0.0))
+        yf = tl.where(out_mask, y.to(tl.float32), 0.0)
+        tl.store(stats_ptr + offs_m * num_tiles + tile, tl.sum(yf * yf, 1), mask=mask_m)
+    tl.store(y_ptr + out_offs, y, mask=out_mask)
 
 
 class Workspace:
@@ -206,15 +223,26 @@ class Workspace:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig, workspace: Workspace,
          prologue: str = "none", residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-         eps: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+         eps: float = 0.0, stats: torch.Tensor | None = None,
+         add_residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``prologue(x) @ weight.T + bias`` for x [M <= 8, K] (``silu_mul``: [M, 2K]); ``add_rms_norm``
-    also returns the new residual stream ``x + residual`` (``x`` itself when residual is None)."""
+    also returns the new residual stream ``x + residual`` (``x`` itself when residual is None).
+
+    The residual add can move to the producing GEMV instead (one kernel per norm fewer): with
+    ``add_residual`` [M, N] the result is ``(h, stats)``, ``h = y + add_residual`` and ``stats`` each
+    row's partial sums of h^2 per output tile; an ``add_rms_norm`` GEMV given ``stats`` (and no
+    residual) takes x as that h and derives each row's 1/rms from them, without the stats kernel."""
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
     _check(x, weight, config, workspace, prologue, k)
     y = torch.empty(m, n, dtype=weight.dtype, device=x.device)
     pdl = use_pdl(x.device)
     inv_rms = y  # unused unless add_rms_norm
-    if prologue == "add_rms_norm":
+    if prologue == "add_rms_norm" and stats is not None:
+        if residual is not None or stats.shape[0] != m or stats.dtype != torch.float32 or not stats.is_contiguous():
+            raise ValueError(f"gemv: stats {tuple(stats.shape)} {stats.dtype} must be the producing GEMV's fp32 [{m}, tiles] "
+                             "sums for an x that already holds the residual (residual=None)")
+        inv_rms = stats
+    elif prologue == "add_rms_norm":
         h = torch.empty(m, k, dtype=x.dtype, device=x.device) if residual is not None else x
         inv_rms = torch.empty(m, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(k)
@@ -222,17 +250,28 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
                                 HAS_RESIDUAL=residual is not None, BLOCK_K=block, USE_PDL=pdl,
                                 num_warps=8 if block >= 4096 else 4, launch_pdl=pdl)
         x = h
+    tiles = triton.cdiv(n, config.block_n)
+    stats_out = y  # unused unless add_residual
+    if add_residual is not None:
+        if tuple(add_residual.shape) != (m, n) or not add_residual.is_contiguous() or add_residual.dtype != weight.dtype:
+            raise ValueError(f"gemv: add_residual {tuple(add_residual.shape)} must be a contiguous [{m}, {n}] {weight.dtype} tensor")
+        stats_out = torch.empty(m, tiles, dtype=torch.float32, device=x.device)
+    stats_in_tiles = stats.shape[1] if stats is not None else 1
     k_tiles = triton.cdiv(k, config.split_k * config.block_k)
-    grid = (triton.cdiv(n, config.block_n), config.split_k)
+    grid = (tiles, config.split_k)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else y, y, inv_rms,
         norm_weight if norm_weight is not None else weight, workspace.partials, workspace.tickets,
-        m, n, k, x.stride(0),
-        PROLOGUE=_PROLOGUE_ID[prologue], HAS_BIAS=bias is not None,
+        add_residual if add_residual is not None else y, stats_out,
+        m, n, k, x.stride(0), stats_in_tiles, eps,
+        PROLOGUE=_PROLOGUE_ID[prologue], HAS_BIAS=bias is not None, STATS_IN=stats is not None,
+        STATS_PAD=triton.next_power_of_2(stats_in_tiles), ADD_RESIDUAL=add_residual is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         K_TILES=k_tiles, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", USE_PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
+    if add_residual is not None:
+        return y, stats_out
     if prologue == "add_rms_norm":
         return y, x  # x is now the residual stream h (the input itself when there was no residual)
     return y
