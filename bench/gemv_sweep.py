@@ -29,18 +29,27 @@ SHAPES = {
 }
 
 
-def configs(n: int, k: int, num_sms: int):
-    from engine.kernels.gemv import GemvConfig
+FAMILIES = ("row", "dot", "whole", "engine")
+
+
+def configs(n: int, k: int, num_sms: int, families: list[str]):
+    """The configs of ``families``: row (tile grid), dot (tl.dot), whole (one tile per program's K
+    slice: ``whole_slice_configs``), engine (the start-up tuner's candidates, for reference)."""
+    from engine.kernels.gemv import GemvConfig, candidate_configs, whole_slice_configs
 
     out = []
-    for block_n, block_k, warps in itertools.product((8, 16, 32), (128, 256, 512), (4, 8)):
+    if "engine" in families:
+        out += [c for c in candidate_configs(n, k, 1, num_sms) if c.block_m == 1]
+    if "whole" in families:
+        out += whole_slice_configs(k)
+    for block_n, block_k, warps in itertools.product((8, 16, 32), (128, 256, 512), (4, 8)) if "row" in families else ():
         tiles, stages = -(-n // block_n), 2
         for target in (4, 8):  # programs per SM the split-K aims for
             split = 1
             while tiles * split < target * num_sms and split * 2 * block_k <= k and split < 16:
                 split *= 2
             out.append(GemvConfig(1, block_n, block_k, split, warps, stages))
-    for block_n, block_k, warps, stages in ((32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3)):
+    for block_n, block_k, warps, stages in ((32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3)) if "dot" in families else ():
         tiles = -(-n // block_n)
         split = 1
         while tiles * split < 4 * num_sms and split * 2 * block_k <= k and split < 16:
@@ -52,6 +61,7 @@ def configs(n: int, k: int, num_sms: int):
 def main() -> int:
     p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--shapes", type=csv_list, default=["llama-3.2-1b"])
+    p.add_argument("--families", type=csv_list, default=["row", "dot", "whole"], help=f"config families: {', '.join(FAMILIES)}")
     p.add_argument("--time-budget", type=float, default=150.0, help="seconds; the remaining projections are skipped")
     args = p.parse_args()
     import torch
@@ -81,7 +91,7 @@ def main() -> int:
             cublas = _graph_time_us(lambda: [F.linear(plain, w) for w in weights], 3) / layers
             workspace = Workspace(dev)
             timed = []
-            for config in configs(n, k, num_sms):
+            for config in configs(n, k, num_sms, args.families):
                 workspace.reserve(n, config)
                 try:
                     us = _graph_time_us(lambda c=config: [gemv(x, w, None, c, workspace, prologue, residual, norm, 1e-6)

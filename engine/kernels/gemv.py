@@ -307,4 +307,18 @@ def candidate_configs(n: int, k: int, m: int, num_sms: int) -> list[GemvConfig]:
         while tiles * split < 4 * num_sms and split * 2 * block_k <= k and split < 16:
             split *= 2
         configs.append(GemvConfig(block_m, block_n, block_k, split, warps, stages))
+    if m == 1:
+        configs += whole_slice_configs(k)[:2]
     return configs
+
+
+def whole_slice_configs(k: int) -> list[GemvConfig]:
+    """Row configs whose program reads its whole K slice as one tile (``K_TILES == 1``): with PDL every
+    weight byte of the kernel is requested before ``gdc_wait``, so none of its HBM round trips waits
+    for the previous kernel, and with one split per 1-2K columns there is little or no split-K
+    reduction. A [BLOCK_N, BLOCK_K] tile of at most 16K elements keeps it in registers."""
+    out = []
+    for block_k, block_n in ((1024, 8), (2048, 4), (2048, 8), (1024, 16), (1024, 4), (2048, 2)):
+        if block_k <= triton.next_power_of_2(k):
+            out.append(GemvConfig(1, block_n, block_k, triton.cdiv(k, block_k), 8 if block_n * block_k >= 8192 else 4, 1))
+    return out
