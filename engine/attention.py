@@ -69,13 +69,14 @@ class PagedAttention(nn.Module):
             from engine.kernels import paged_attention as kernels
             from engine.kernels.rope_kv import rope_store_kv
 
-            # one kernel: norm + RoPE of q and k, and k, v into the cache
             norm = (q_norm.weight, k_norm.weight, q_norm.eps) if q_norm is not None else (None, None, 0.0)
+            if ctx.is_decode:  # one kernel: norm + RoPE of q and k, k and v into the cache, attention
+                return kernels.rope_decode_attention(qkv, positions, rope.cos, rope.sin, *norm, self.k_cache, self.v_cache,
+                                                     ctx.slot_mapping, ctx.block_tables, ctx.context_lens, self.scale,
+                                                     self.num_heads, ctx.decode_splits)
+            # one kernel for norm + RoPE of q and k, and k, v into the cache; then attention
             q = rope_store_kv(qkv, positions, rope.cos, rope.sin, *norm, self.k_cache, self.v_cache, ctx.slot_mapping,
                               self.num_heads, self.num_kv_heads)
-            if ctx.is_decode:
-                return kernels.decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                                                ctx.decode_splits)
             return kernels.prefill_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens,
                                              ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim

@@ -132,6 +132,53 @@ def check_rope_kv() -> None:
         assert torch.equal(caches[3], caches[1]), case  # v: copied raw; padded rows' slots untouched on both sides
 
 
+def check_rope_decode() -> None:
+    """Decode attention straight from the qkv rows (q/k norm + RoPE + KV store + attention in one kernel)
+    equals the torch path (apply_rope, store_kv_torch, paged attention) in fp32: with and without q/k
+    norm, one split and several (the new token in any split), a padded row (slot -1, context 0) that
+    stores nothing and yields zeros, and the same result on a second call (a graph replay)."""
+    import torch
+
+    from engine.attention import paged_attention_torch, store_kv_torch
+    from engine.kernels.paged_attention import rope_decode_attention
+    from engine.layers import RotaryEmbedding, apply_rope
+
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim, block_size = 4, 2, 16, 4
+    lens = [1, 7, 33, 70]
+    for qk_norm in (True, False):
+        q_ref, k_cache, v_cache, ctx = paged_setup([1] * 4, lens, heads, kv_heads, head_dim, block_size, seed=4)
+        rope = RotaryEmbedding(head_dim, 512, 10_000.0, None)
+        qkv = torch.randn(4, (heads + 2 * kv_heads) * head_dim, generator=g)
+        positions = torch.tensor([n - 1 for n in lens])
+        slots = torch.tensor([int(ctx.block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                              for i, n in enumerate(lens)])
+        norm_w = [torch.randn(head_dim, generator=g) if qk_norm else None for _ in range(2)]
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        rq, rk = apply_rope(positions, q.reshape(4, heads, head_dim), k.reshape(4, kv_heads, head_dim), rope.cos, rope.sin,
+                            *norm_w, 1e-6)
+        ref_k, ref_v = k_cache.clone(), v_cache.clone()
+        store_kv_torch(rk, v.reshape(4, kv_heads, head_dim), ref_k, ref_v, slots)
+        expected = paged_attention_torch(rq, ref_k, ref_v, ctx, scale=0.25)
+        for splits in (1, 4, 8):
+            got_k, got_v = k_cache.clone(), v_cache.clone()
+            args = (qkv, positions, rope.cos, rope.sin, *norm_w, 1e-6, got_k, got_v, slots, ctx.block_tables)
+            first = rope_decode_attention(*args, ctx.context_lens, 0.25, heads, splits)
+            case = f"qk_norm {qk_norm} splits {splits}"
+            torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{case}: {m}")
+            torch.testing.assert_close(got_k, ref_k, rtol=1e-6, atol=1e-6, msg=lambda m: f"{case}: {m}")
+            assert torch.equal(got_v, ref_v), case
+            assert torch.equal(rope_decode_attention(*args, ctx.context_lens, 0.25, heads, splits), first), case
+            padded_lens, padded_slots = ctx.context_lens.clone(), slots.clone()
+            padded_lens[0], padded_slots[0] = 0, -1
+            fresh_k, fresh_v = k_cache.clone(), v_cache.clone()
+            padded = rope_decode_attention(qkv, positions, rope.cos, rope.sin, *norm_w, 1e-6, fresh_k, fresh_v, padded_slots,
+                                           ctx.block_tables, padded_lens, 0.25, heads, splits)
+            assert torch.equal(padded[0], torch.zeros_like(padded[0])) and torch.equal(padded[1:], first[1:]), case
+            flat = lambda cache: cache.view(-1, kv_heads, head_dim)[slots[0]]  # noqa: E731 -- the padded row's slot
+            assert torch.equal(flat(fresh_k), flat(k_cache)) and torch.equal(flat(fresh_v), flat(v_cache)), case
+
+
 def check_engine() -> None:
     """The whole engine on the Triton backend (prefix hits, chunks, decode) equals the torch backend."""
     import tempfile
@@ -329,7 +376,7 @@ def check_advance() -> None:
     assert slots.tolist() == [11 * 4 + 0, 21 * 4 + 2, -1, -1, 32 * 4 + 3]
 
 
-CHECKS = {"argmax": check_argmax, "advance": check_advance, "decode": check_decode, "prefill": check_prefill, "store": check_store, "rope_kv": check_rope_kv, "engine": check_engine,
+CHECKS = {"argmax": check_argmax, "advance": check_advance, "decode": check_decode, "prefill": check_prefill, "store": check_store, "rope_kv": check_rope_kv, "rope_decode": check_rope_decode, "engine": check_engine,
           "engine_gemv": check_engine_gemv, "gemv": check_gemv, "gemv_bf16": check_gemv_bf16, "gemv_rejects_bad_input": check_gemv_rejects_bad_input}
 
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import use_pdl
+from engine.kernels.rope_kv import head_rms_norm, rope_halves, rounded
 
 _LOG2E = 1.4426950408889634
 
@@ -66,14 +67,26 @@ def _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head,
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_ptr, lens_ptr, scale_log2,
-                   table_stride, q_stride,
+                   table_stride, q_stride, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slot_ptr, cos_stride, eps,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr, QK_NORM: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
-    output; otherwise it writes its unnormalized partial (acc, max, sum) for ``_combine_kernel``."""
+    output; otherwise it writes its unnormalized partial (acc, max, sum) for ``_combine_kernel``.
+
+    FUSED_ROPE: ``q_ptr`` is the qkv projection's output and the kernel does what ``rope_store_kv``
+    would have done first (one launch per layer fewer): (q/k norm and) RoPE of its query heads and of
+    the new token's key, and — split 0 — the new key and value into the cache. The new token's
+    position (the context's last) is read from those registers, not from the cache, since another
+    program may not have stored it yet."""
+    HALF: tl.constexpr = HEAD_DIM // 2
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    if FUSED_ROPE and QK_NORM:  # weights: safe to read before gdc_wait
+        offs_h = tl.arange(0, HALF)
+        qw_lo, qw_hi = tl.load(q_norm_ptr + offs_h).to(tl.float32), tl.load(q_norm_ptr + HALF + offs_h).to(tl.float32)
+        kw_lo, kw_hi = tl.load(k_norm_ptr + offs_h).to(tl.float32), tl.load(k_norm_ptr + HALF + offs_h).to(tl.float32)
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()  # q, the cache, the tables and lengths all belong to the step
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,13 +95,43 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_pt
     offs_d = tl.arange(0, HEAD_DIM)
     mask_g = offs_g < GROUP
     heads = kv_head * GROUP + offs_g  # the query heads sharing this K/V head
-    q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_g[:, None], other=0.0)
     context_len = tl.load(lens_ptr + seq)
+    if FUSED_ROPE:
+        dtype: tl.constexpr = q_ptr.dtype.element_ty
+        offs_h = tl.arange(0, HALF)
+        row = q_ptr + seq.to(tl.int64) * q_stride
+        q_lo = tl.load(row + heads[:, None] * HEAD_DIM + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
+        q_hi = tl.load(row + heads[:, None] * HEAD_DIM + HALF + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
+        k_row = row + (NUM_KV_HEADS * GROUP + kv_head) * HEAD_DIM
+        k_lo, k_hi = tl.load(k_row + offs_h).to(tl.float32), tl.load(k_row + HALF + offs_h).to(tl.float32)
+        v_new = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + offs_d)
+        if QK_NORM:  # the sums in rope_store_kv's order: low half, then high half
+            q_inv = tl.rsqrt((tl.sum(q_lo * q_lo, 1) + tl.sum(q_hi * q_hi, 1)) / HEAD_DIM + eps)
+            q_lo, q_hi = head_rms_norm(q_lo, q_hi, qw_lo[None, :], qw_hi[None, :], q_inv[:, None], dtype)
+            k_inv = tl.rsqrt((tl.sum(k_lo * k_lo, 0) + tl.sum(k_hi * k_hi, 0)) / HEAD_DIM + eps)
+            k_lo, k_hi = head_rms_norm(k_lo, k_hi, kw_lo, kw_hi, k_inv, dtype)
+        table = tl.load(pos_ptr + seq).to(tl.int64) * cos_stride
+        cos_lo, cos_hi = rounded(tl.load(cos_ptr + table + offs_h), dtype), rounded(tl.load(cos_ptr + table + HALF + offs_h), dtype)
+        sin_lo, sin_hi = rounded(tl.load(sin_ptr + table + offs_h), dtype), rounded(tl.load(sin_ptr + table + HALF + offs_h), dtype)
+        q_lo, q_hi = rope_halves(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
+        k_lo, k_hi = rope_halves(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
+        q = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)), (GROUP_PAD, HEAD_DIM)).to(dtype)
+        k_new = tl.reshape(tl.permute(tl.join(k_lo, k_hi), (1, 0)), (HEAD_DIM,)).to(dtype)
+        slot = tl.load(slot_ptr + seq)
+        if (split == 0) & (slot >= 0):  # slot -1: a padded graph row stores nothing
+            cache_row = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
+            tl.store(k_cache_ptr + cache_row + offs_d, k_new)
+            tl.store(v_cache_ptr + cache_row + offs_d, v_new)
+        cached_len = context_len - 1  # the new token is not read from the cache
+    else:
+        q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+        cached_len = context_len
     # the split's share of the context, in whole BLOCK_N tiles; read from the device so the grid
     # (and so a captured CUDA graph) is independent of the context length
     chunk = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
-    end = tl.minimum(start + chunk, context_len)
+    split_end = tl.minimum(start + chunk, context_len)
+    end = tl.minimum(split_end, cached_len)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -104,10 +147,20 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_pt
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
         start += BLOCK_N
+    if FUSED_ROPE:
+        if (cached_len >= split * chunk) & (cached_len < split_end):  # this split holds the new token
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
+            m_new = tl.maximum(m, s_new)
+            p = tl.exp2(s_new - m_new)
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + p
+            # p rounded to the cache dtype, as the tiles' p feeds tl.dot
+            acc = acc * alpha[:, None] + p.to(dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            m = m_new
     if NUM_SPLITS == 1:
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
-        tl.store(out_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=mask_g[:, None])
+        out_row = out_ptr + seq * (NUM_KV_HEADS * GROUP * HEAD_DIM) if FUSED_ROPE else out_ptr + seq * q_stride
+        tl.store(out_row + heads[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
     else:  # partials: [seq, head, split, HEAD_DIM + 2] fp32 = acc | m | l
         num_heads = NUM_KV_HEADS * GROUP
         base = part_ptr + ((seq * num_heads + heads) * NUM_SPLITS + split) * (HEAD_DIM + 2)
@@ -154,25 +207,56 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     ``num_splits`` is fixed per call shape (the model runner derives it from the batch size and
     ``max_model_len``), so a CUDA graph captures one grid that serves every context length."""
-    num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    q = q.contiguous()
+    return _decode(q, None, k_cache, v_cache, block_tables, context_lens, scale, num_splits, q.shape[1])
+
+
+def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                          context_lens: torch.Tensor, scale: float, num_heads: int, num_splits: int | None = None) -> torch.Tensor:
+    """Decode attention straight from the qkv projection's output ``[num_seqs, (heads + 2 * kv_heads) * head_dim]``
+    (contiguous rows): ``rope_store_kv`` (q/k norm, RoPE, the new K/V into the cache at ``slot_mapping``)
+    and ``decode_attention`` in one kernel -> ``[num_seqs, heads, head_dim]``."""
+    head_dim = k_cache.shape[-1]
+    num_kv_heads = k_cache.shape[2]
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
+        raise ValueError(f"rope_decode_attention: qkv {tuple(qkv.shape)} is not [seqs, ({num_heads} + 2 * {num_kv_heads}) * "
+                         f"{head_dim}] with contiguous rows")
+    if cos.shape[1] != head_dim or cos.stride() != sin.stride() or cos.stride(1) != 1:
+        raise ValueError(f"rope_decode_attention: RoPE tables {tuple(cos.shape)} do not fit head_dim {head_dim}")
+    if q_norm_weight is not None and not (q_norm_weight.dtype == k_norm_weight.dtype == qkv.dtype):
+        raise ValueError(f"rope_decode_attention: q/k norm weights ({q_norm_weight.dtype}) must be in the activation dtype {qkv.dtype}")
+    rope = (positions, cos, sin, q_norm_weight, k_norm_weight, slot_mapping, cos.stride(0), eps)
+    return _decode(qkv, rope, k_cache, v_cache, block_tables, context_lens, scale, num_splits, num_heads)
+
+
+def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+            context_lens: torch.Tensor, scale: float, num_splits: int | None, num_heads: int) -> torch.Tensor:
+    """Launch the decode kernel (and its split combine): ``q`` rotated queries, or with ``rope`` the qkv rows."""
+    num_seqs = q.shape[0]
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
     group = num_heads // num_kv_heads
     block_n = 64
     if num_splits is None:
         num_splits = decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n)
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
     partials = (torch.empty(num_seqs, num_heads, num_splits, head_dim + 2, dtype=torch.float32, device=q.device)
                 if num_splits > 1 else out)
     pdl = use_pdl(q.device)
+    positions, cos, sin, q_norm, k_norm, slots, cos_stride, eps = rope or (out, out, out, None, None, out, 0, 0.0)
+    qk_norm = q_norm is not None
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partials, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0), q.stride(0),
+        positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q),
-        USE_PDL=pdl, launch_pdl=pdl,
+        USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm,
+        enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
+        launch_pdl=pdl,
     )
     if num_splits > 1:
-        _combine_kernel[(num_seqs, num_heads)](partials, out, q.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+        _combine_kernel[(num_seqs, num_heads)](partials, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
                                                NUM_SPLITS=num_splits, USE_PDL=pdl, launch_pdl=pdl)
     return out
 

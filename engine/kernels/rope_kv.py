@@ -28,9 +28,25 @@ from engine.kernels import use_pdl
 
 
 @triton.jit
-def _rounded(x, dtype: tl.constexpr):
+def rounded(x, dtype: tl.constexpr):
     """fp32 ``x`` rounded to ``dtype`` and held in fp32 again: one torch 16-bit elementwise op."""
     return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def head_rms_norm(x_lo, x_hi, w_lo, w_hi, inv_rms, dtype: tl.constexpr):
+    """Qwen3's per-head RMSNorm of a head's two halves (fp32 values of ``dtype``), given each head's
+    ``1 / rms`` broadcastable to them: HF's order (normalize, cast, then scale by the weight)."""
+    return rounded(w_lo * rounded(x_lo * inv_rms, dtype), dtype), rounded(w_hi * rounded(x_hi * inv_rms, dtype), dtype)
+
+
+@triton.jit
+def rope_halves(x_lo, x_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype: tl.constexpr):
+    """RoPE of a head's halves with ``rotate_half(x) = cat(-x_hi, x_lo)``; cos/sin already rounded to
+    ``dtype`` (HF casts the tables first); every product and sum rounded as torch's separate ops."""
+    out_lo = rounded(rounded(x_lo * cos_lo, dtype) + rounded(-x_hi * sin_lo, dtype), dtype)
+    out_hi = rounded(rounded(x_hi * cos_hi, dtype) + rounded(x_lo * sin_hi, dtype), dtype)
+    return out_lo, out_hi
 
 
 @triton.jit
@@ -60,16 +76,14 @@ def _rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, 
     x_hi = tl.load(row + hi, mask=in_half, other=0.0).to(tl.float32)
     if QK_NORM:
         inv_rms = tl.rsqrt((tl.sum(x_lo * x_lo, 0) + tl.sum(x_hi * x_hi, 0)) / HEAD_DIM + eps)
-        x_lo = _rounded(w_lo * _rounded(x_lo * inv_rms, dtype), dtype)
-        x_hi = _rounded(w_hi * _rounded(x_hi * inv_rms, dtype), dtype)
+        x_lo, x_hi = head_rms_norm(x_lo, x_hi, w_lo, w_hi, inv_rms, dtype)
     table = tl.load(pos_ptr + token).to(tl.int64) * table_stride
-    cos_lo = _rounded(tl.load(cos_ptr + table + lo, mask=in_half, other=0.0), dtype)  # HF casts the tables first
-    cos_hi = _rounded(tl.load(cos_ptr + table + hi, mask=in_half, other=0.0), dtype)
-    sin_lo = _rounded(tl.load(sin_ptr + table + lo, mask=in_half, other=0.0), dtype)
-    sin_hi = _rounded(tl.load(sin_ptr + table + hi, mask=in_half, other=0.0), dtype)
-    # rotate_half(x) = cat(-x_hi, x_lo)
-    out_lo = _rounded(_rounded(x_lo * cos_lo, dtype) + _rounded(-x_hi * sin_lo, dtype), dtype).to(dtype)
-    out_hi = _rounded(_rounded(x_hi * cos_hi, dtype) + _rounded(x_lo * sin_hi, dtype), dtype).to(dtype)
+    cos_lo = rounded(tl.load(cos_ptr + table + lo, mask=in_half, other=0.0), dtype)  # HF casts the tables first
+    cos_hi = rounded(tl.load(cos_ptr + table + hi, mask=in_half, other=0.0), dtype)
+    sin_lo = rounded(tl.load(sin_ptr + table + lo, mask=in_half, other=0.0), dtype)
+    sin_hi = rounded(tl.load(sin_ptr + table + hi, mask=in_half, other=0.0), dtype)
+    out_lo, out_hi = rope_halves(x_lo, x_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
+    out_lo, out_hi = out_lo.to(dtype), out_hi.to(dtype)
 
     # clamped head indices keep the masked-off lanes' addresses inside their tensors
     q_row = q_ptr + token * (NUM_HEADS * HEAD_DIM) + tl.minimum(head, NUM_HEADS - 1) * HEAD_DIM
