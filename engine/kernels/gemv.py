@@ -294,12 +294,12 @@ def candidate_configs(n: int, k: int, m: int, num_sms: int) -> list[GemvConfig]:
     """A handful of configs for one (N, K, M): each shape family with the split-K that gives the
     grid about four programs per SM (capped so every split keeps at least one K tile)."""
     # (block_m, block_n, block_k, warps, stages); few on purpose: each is a Triton compile at start-up.
-    # The row configs are the winners of bench/gemv_sweep.py (28-34 configs per layer projection of the
-    # 0.6B and 1B shapes on an H100, BENCHMARKS.md): long K tiles for the wide gate_up, short ones with 8 warps
-    # and a deep split for the narrow o/down/qkv
+    # The row configs are the winners of bench/gemv_sweep.py on an H100 (BENCHMARKS.md): a tile grid with
+    # long K tiles for the 0.6B gate_up and with short ones for the LM head; every other projection of the
+    # 0.6B and 1B shapes streams fastest with whole-slice programs (``whole_slice_configs``)
     shapes = [(16, 32, 128, 4, 4), (16, 64, 64, 4, 4)]
     if m == 1:
-        shapes += [(1, 8, 512, 4, 2), (1, 16, 512, 4, 2), (1, 8, 128, 8, 2), (1, 16, 128, 8, 2), (1, 32, 128, 8, 2)]
+        shapes += [(1, 8, 512, 4, 2), (1, 8, 128, 8, 2)]
     configs = []
     for block_m, block_n, block_k, warps, stages in shapes:
         tiles = triton.cdiv(n, block_n)
@@ -308,7 +308,7 @@ def candidate_configs(n: int, k: int, m: int, num_sms: int) -> list[GemvConfig]:
             split *= 2
         configs.append(GemvConfig(block_m, block_n, block_k, split, warps, stages))
     if m == 1:
-        configs += whole_slice_configs(k)[:2]
+        configs += whole_slice_configs(k)
     return configs
 
 
@@ -318,7 +318,7 @@ def whole_slice_configs(k: int) -> list[GemvConfig]:
     for the previous kernel, and with one split per 1-2K columns there is little or no split-K
     reduction. A [BLOCK_N, BLOCK_K] tile of at most 16K elements keeps it in registers."""
     out = []
-    for block_k, block_n in ((1024, 8), (2048, 4), (2048, 8), (1024, 16), (1024, 4), (2048, 2)):
-        if block_k <= triton.next_power_of_2(k):
-            out.append(GemvConfig(1, block_n, block_k, triton.cdiv(k, block_k), 8 if block_n * block_k >= 8192 else 4, 1))
+    for block_k, block_n, warps in ((2048, 2, 4), (2048, 4, 8), (2048, 8, 8), (1024, 4, 4), (1024, 8, 8), (4096, 4, 8)):
+        if block_k <= triton.next_power_of_2(k) and (block_k < 4096 or k >= 8192):
+            out.append(GemvConfig(1, block_n, block_k, triton.cdiv(k, block_k), warps, 1))
     return out

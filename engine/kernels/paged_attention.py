@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import use_pdl
-from engine.kernels.rope_kv import head_rms_norm, rope_halves, rounded
+from engine.kernels.rope_kv import head_inv_rms, head_rms_norm, rope_halves, rounded
 
 _LOG2E = 1.4426950408889634
 
@@ -105,10 +105,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_pt
         k_row = row + (NUM_KV_HEADS * GROUP + kv_head) * HEAD_DIM
         k_lo, k_hi = tl.load(k_row + offs_h).to(tl.float32), tl.load(k_row + HALF + offs_h).to(tl.float32)
         v_new = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + offs_d)
-        if QK_NORM:  # the sums in rope_store_kv's order: low half, then high half
-            q_inv = tl.rsqrt((tl.sum(q_lo * q_lo, 1) + tl.sum(q_hi * q_hi, 1)) / HEAD_DIM + eps)
+        if QK_NORM:  # order-independent sums: the keys equal rope_store_kv's bit for bit
+            q_inv = head_inv_rms(q_lo, q_hi, eps, HEAD_DIM, 1)
             q_lo, q_hi = head_rms_norm(q_lo, q_hi, qw_lo[None, :], qw_hi[None, :], q_inv[:, None], dtype)
-            k_inv = tl.rsqrt((tl.sum(k_lo * k_lo, 0) + tl.sum(k_hi * k_hi, 0)) / HEAD_DIM + eps)
+            k_inv = head_inv_rms(k_lo, k_hi, eps, HEAD_DIM, 0)
             k_lo, k_hi = head_rms_norm(k_lo, k_hi, kw_lo, kw_hi, k_inv, dtype)
         table = tl.load(pos_ptr + seq).to(tl.int64) * cos_stride
         cos_lo, cos_hi = rounded(tl.load(cos_ptr + table + offs_h), dtype), rounded(tl.load(cos_ptr + table + HALF + offs_h), dtype)

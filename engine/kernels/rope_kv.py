@@ -15,8 +15,8 @@ the activation dtype, in HF's order: ``rms_norm``: ``x.float() * rsqrt(mean(x^2)
 then ``weight *`` that; RoPE: the fp32 cos/sin rows cast to the dtype first, then ``x * cos``,
 ``rotate_half(x) * sin`` and their sum, each rounded. The kernel is compiled without FMA
 contraction, so in fp32 ``x * cos + r * sin`` also rounds each product as torch's separate kernels
-do. (The fp32 sum of squares may add in another order than torch's reduction: with q/k norm,
-results can differ from torch in the last fp32 bit, which very rarely moves a 16-bit rounding.)
+do. (The sum of squares is taken in fp64 (``head_inv_rms``), not in torch's fp32 order: with q/k
+norm, results can differ from torch in the last fp32 bit, which very rarely moves a 16-bit rounding.)
 """
 from __future__ import annotations
 
@@ -31,6 +31,19 @@ from engine.kernels import use_pdl
 def rounded(x, dtype: tl.constexpr):
     """fp32 ``x`` rounded to ``dtype`` and held in fp32 again: one torch 16-bit elementwise op."""
     return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def head_inv_rms(x_lo, x_hi, eps, HEAD_DIM: tl.constexpr, AXIS: tl.constexpr):
+    """``1 / rms`` of heads from their two halves (fp32 values of 16-bit activations), reduced over
+    ``AXIS``. The squares are summed in fp64: a 16-bit value's square is exact, and so is the fp64 sum
+    of a head's squares (unless they span more than ~2^37), so the result does not depend on the
+    reduction order. The decode kernel (engine/kernels/paged_attention.py) and ``rope_store_kv`` reduce
+    with different layouts and must still write bit-identical keys: a token's K may not depend on
+    whether a decode step or a mixed prefill step computed it (the prefix cache reuses both)."""
+    lo, hi = x_lo.to(tl.float64), x_hi.to(tl.float64)
+    total = tl.sum(lo * lo, AXIS) + tl.sum(hi * hi, AXIS)
+    return tl.rsqrt(total.to(tl.float32) / HEAD_DIM + eps)
 
 
 @triton.jit
@@ -75,7 +88,7 @@ def _rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, 
     x_lo = tl.load(row + lo, mask=in_half, other=0.0).to(tl.float32)
     x_hi = tl.load(row + hi, mask=in_half, other=0.0).to(tl.float32)
     if QK_NORM:
-        inv_rms = tl.rsqrt((tl.sum(x_lo * x_lo, 0) + tl.sum(x_hi * x_hi, 0)) / HEAD_DIM + eps)
+        inv_rms = head_inv_rms(x_lo, x_hi, eps, HEAD_DIM, 0)
         x_lo, x_hi = head_rms_norm(x_lo, x_hi, w_lo, w_hi, inv_rms, dtype)
     table = tl.load(pos_ptr + token).to(tl.int64) * table_stride
     cos_lo = rounded(tl.load(cos_ptr + table + lo, mask=in_half, other=0.0), dtype)  # HF casts the tables first
