@@ -368,7 +368,9 @@ class ModelRunner:
         self.g_logits = torch.zeros(max_bs, self.args.vocab_size, dtype=torch.float32, device=self.device)
         self.g_tokens = torch.zeros(max_bs, dtype=torch.long, device=self.device)
         self.g_hist = torch.zeros(self.max_decode_steps, max_bs, dtype=torch.long, device=self.device)
-        argmax = Argmax(max_bs, self.args.vocab_size, self.device)
+        # the graphs write into these buffers on every replay: they must live as long as the graphs (a local
+        # would return them to the allocator, which hands them to the next tensor — the graphs then clobber it)
+        self._argmax = argmax = Argmax(max_bs, self.args.vocab_size, self.device)
         self.copy_done = torch.cuda.Event()  # the last staging copy: the host waits on it before rewriting h_buf
         slots.fill_(-1)
         adapter.fill_(-1)
