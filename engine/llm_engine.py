@@ -163,7 +163,6 @@ class LLMEngine:
         went to positions past its end, in its own blocks, which it frees)."""
         tokens = self.runner.decode_steps(batch.seqs, steps)
         continued = self._continue_ahead(batch.seqs, steps)  # the GPU goes on while the host reads and books
-        self.runner.wait_tokens()
         for step_tokens in tokens.tolist():
             live = [(seq, token) for seq, token in zip(batch.seqs, step_tokens) if not seq.is_finished]
             self.scheduler.advance(Batch([seq for seq, _ in live], [1] * len(live)))

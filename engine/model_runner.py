@@ -258,7 +258,7 @@ class ModelRunner:
     # ---------------------------------------------------------------- multi-step decode
     @torch.inference_mode()
     def decode_steps(self, seqs: list, k: int) -> torch.Tensor:
-        """Greedy tokens [k, len(seqs)] (a CPU tensor; on CUDA graphs valid once ``wait_tokens`` returns) of k decode steps of ``seqs``, each step's argmax the next one's
+        """Greedy tokens [k, len(seqs)] of k decode steps of ``seqs``, each step's argmax the next one's
         input, with no host work between steps. Every sequence must have blocks for its next k
         positions (the engine allocates them). On CUDA graphs: one input copy (or the replay
         ``launch_ahead`` queued) and k replays; otherwise k eager forwards, tokens kept on the device."""
@@ -273,12 +273,7 @@ class ModelRunner:
                 self._replay(seqs)  # step 1 (else launch_ahead already queued it)
             for _ in range(k - 1):  # each replay starts from the inputs the previous one advanced
                 self.graphs[bucket].replay()
-            # into pinned memory now, with an event: a continue_ahead replay queued next rewrites the history, and
-            # the host must not wait for that replay to read these tokens
-            tokens = self.h_hist[:k, :n]
-            tokens.copy_(self.g_hist[:k, :n], non_blocking=True)
-            self.hist_ready.record()
-            return tokens
+            return self.g_hist[:k, :n].clone()  # a copy: a continue_ahead replay may rewrite the history next
         ids = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long, device=self.device)
         adapters = [s.adapter_id for s in seqs]
         tokens = []
@@ -295,12 +290,7 @@ class ModelRunner:
                 set_context(None)
             ids = self.model.compute_logits(hidden).argmax(-1)
             tokens.append(ids)
-        return torch.stack(tokens).cpu()
-
-    def wait_tokens(self) -> None:
-        """Block until the tokens ``decode_steps`` returned have arrived (not for work queued after them)."""
-        if self.graphs:
-            self.hist_ready.synchronize()
+        return torch.stack(tokens)
 
     @torch.inference_mode()
     def continue_ahead(self, seqs: list, lengths: list[int]) -> bool:
@@ -378,8 +368,6 @@ class ModelRunner:
         self.g_logits = torch.zeros(max_bs, self.args.vocab_size, dtype=torch.float32, device=self.device)
         self.g_tokens = torch.zeros(max_bs, dtype=torch.long, device=self.device)
         self.g_hist = torch.zeros(self.max_decode_steps, max_bs, dtype=torch.long, device=self.device)
-        self.h_hist = torch.zeros_like(self.g_hist, device="cpu").pin_memory()  # multi-step tokens, read by the host
-        self.hist_ready = torch.cuda.Event()
         # the graphs write into these buffers on every replay: they must live as long as the graphs (a local
         # would return them to the allocator, which hands them to the next tensor — the graphs then clobber it)
         self._argmax = argmax = Argmax(max_bs, self.args.vocab_size, self.device)
