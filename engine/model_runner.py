@@ -297,9 +297,8 @@ class ModelRunner:
         """Queue the first step of the next multi-step round of ``seqs`` right behind the round just
         queued by ``decode_steps``, before the host has read its tokens: each replay already moved the
         graph's inputs on to the next position on the device, so only the block tables (grown for the
-        next round) and the next slots are uploaded and the history restarts at row 0. ``lengths``: each sequence's length
-        once the queued round's tokens are appended (their slots are uploaded too: the round's last advance
-        looked them up before the tables grew). Used by the next round when it is exactly that
+        next round) are uploaded and the history restarts at row 0. ``lengths``: each sequence's length
+        once the queued round's tokens are appended. Used by the next round when it is exactly that
         batch at those lengths (as ``launch_ahead``); otherwise the next step re-uploads every input
         and the queued step's only effect is K/V past the sequences' ends, in their own blocks."""
         n = len(seqs)
@@ -307,14 +306,12 @@ class ModelRunner:
             return False
         bucket = self._bucket(n)
         self.copy_done.synchronize()  # the staging buffer may still be read by the round's upload
-        tables, slots = self.h_tables, self.h_vec[2]
-        for i, (seq, length) in enumerate(zip(seqs, lengths)):
+        tables = self.h_tables
+        for i, seq in enumerate(seqs):
             tables[i, :len(seq.block_table)] = seq.block_table
-            # the round's last advance looked this slot up in the old table: the position may sit in a new block
-            slots[i] = self._slot(seq.block_table, length - 1)
-        max_bs, width = tables.shape
-        for start, size in ((_INPUT_ROWS * max_bs, bucket * width), (2 * max_bs, n)):  # the tables, the slots row
-            self.g_buf[start:start + size].copy_(self.h_buf[start:start + size], non_blocking=True)
+        start = _INPUT_ROWS * tables.shape[0]
+        self.g_buf[start:start + bucket * tables.shape[1]].copy_(self.h_buf[start:start + bucket * tables.shape[1]],
+                                                                  non_blocking=True)
         self.copy_done.record()
         self.g_counter.zero_()  # this replay's tokens go to history row 0
         self.graphs[bucket].replay()
