@@ -161,53 +161,34 @@ class LLMEngine:
         feeds each step's argmax to the next on the device; here every step is accounted for in order,
         as ``steps`` single steps would be. A sequence that stops at step i ignores the rest (their K/V
         went to positions past its end, in its own blocks, which it frees)."""
-        tokens = self.runner.decode_steps(batch.seqs, steps)
-        continued = self._continue_ahead(batch.seqs, steps)  # the GPU goes on while the host reads and books
-        for step_tokens in tokens.tolist():
+        tokens = self.runner.decode_steps(batch.seqs, steps).tolist()
+        for step_tokens in tokens:
             live = [(seq, token) for seq, token in zip(batch.seqs, step_tokens) if not seq.is_finished]
             self.scheduler.advance(Batch([seq for seq, _ in live], [1] * len(live)))
             for seq, token in live:
                 seq.token_ids.append(token)
                 self._check_stop(seq, token)
-        if not continued:
-            self._launch_ahead()
+        self._launch_ahead()
         return sorted({s.request_id for s in batch.seqs})
 
-    def _continue_ahead(self, seqs: list[Sequence], steps: int) -> bool:
-        """Queue the next multi-step round's first step before this round's tokens are read, when the
-        next round is sure to be these sequences again unless one stops on a token (nothing waits, every
-        sequence stays plain greedy and has more than this round's tokens left): with ``launch_ahead``
-        the GPU would otherwise idle while the host reads the tokens, checks stops and books them."""
-        sched = self.scheduler
-        if sched.waiting or not self.runner.graphs or not self.config.launch_ahead:
-            return False
-        lengths = [len(s) + steps for s in seqs]
-        if any(s.params.max_tokens - s.num_output_tokens <= steps for s in seqs):
-            return False  # someone finishes with this round: the next batch differs
-        if self._plan_decode_steps(seqs, lengths) <= 1:
-            return False
-        return self.runner.continue_ahead(seqs, lengths)
-
-    def _plan_decode_steps(self, seqs: list[Sequence], lengths: list[int] | None = None) -> int:
+    def _plan_decode_steps(self, seqs: list[Sequence]) -> int:
         """How many greedy steps the decode of ``seqs`` runs back to back (1: an ordinary step), with the
         blocks for all of them allocated. More than one only when every sequence is plain greedy (the
         device's argmax is its token), nothing waits to be admitted (it would wait the extra steps),
         and the free blocks cover every sequence's next positions; never past the longest remaining
-        ``max_tokens`` or any sequence's ``max_model_len``. ``lengths``: plan for the sequences at these
-        lengths instead (the round after the one in flight, ``_continue_ahead``)."""
+        ``max_tokens`` or any sequence's ``max_model_len``."""
         sched = self.scheduler
         if self.config.decode_steps <= 1 or sched.waiting or not all(self._plain_greedy(s) and not s.forks for s in seqs):
             return 1
-        lengths = lengths or [len(s) for s in seqs]
         steps = min(self.config.decode_steps, self.runner.max_decode_steps,
-                    max(s.params.max_tokens - (n - s.num_prompt_tokens) for s, n in zip(seqs, lengths)),
-                    min(self.max_model_len - n + 1 for n in lengths))  # positions up to len + steps - 2
+                    max(s.params.max_tokens - s.num_output_tokens for s in seqs),
+                    min(self.max_model_len - len(s) + 1 for s in seqs))  # positions up to len + steps - 2
         bm = sched.block_manager
-        need = sum(max(0, s.num_blocks_for(n + steps - 1) - len(s.block_table)) for s, n in zip(seqs, lengths))
+        need = sum(max(0, s.num_blocks_for(len(s) + steps - 1) - len(s.block_table)) for s in seqs)
         if steps <= 1 or need > bm.num_free_blocks:
             return 1
-        for s, n in zip(seqs, lengths):
-            bm.allocate(s, n + steps - 1)
+        for s in seqs:
+            bm.allocate(s, len(s) + steps - 1)
         return steps
 
     @staticmethod

@@ -273,7 +273,7 @@ class ModelRunner:
                 self._replay(seqs)  # step 1 (else launch_ahead already queued it)
             for _ in range(k - 1):  # each replay starts from the inputs the previous one advanced
                 self.graphs[bucket].replay()
-            return self.g_hist[:k, :n].clone()  # a copy: a continue_ahead replay may rewrite the history next
+            return self.g_hist[:k, :n]
         ids = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long, device=self.device)
         adapters = [s.adapter_id for s in seqs]
         tokens = []
@@ -291,33 +291,6 @@ class ModelRunner:
             ids = self.model.compute_logits(hidden).argmax(-1)
             tokens.append(ids)
         return torch.stack(tokens)
-
-    @torch.inference_mode()
-    def continue_ahead(self, seqs: list, lengths: list[int]) -> bool:
-        """Queue the first step of the next multi-step round of ``seqs`` right behind the round just
-        queued by ``decode_steps``, before the host has read its tokens: each replay already moved the
-        graph's inputs on to the next position on the device, so only the block tables (grown for the
-        next round) are uploaded and the history restarts at row 0. ``lengths``: each sequence's length
-        once the queued round's tokens are appended. Used by the next round when it is exactly that
-        batch at those lengths (as ``launch_ahead``); otherwise the next step re-uploads every input
-        and the queued step's only effect is K/V past the sequences' ends, in their own blocks."""
-        n = len(seqs)
-        if not (self.graphs and self.config.launch_ahead and 0 < n <= self.graph_buckets[-1]):
-            return False
-        bucket = self._bucket(n)
-        self.copy_done.synchronize()  # the staging buffer may still be read by the round's upload
-        tables = self.h_tables
-        for i, seq in enumerate(seqs):
-            tables[i, :len(seq.block_table)] = seq.block_table
-        start = _INPUT_ROWS * tables.shape[0]
-        self.g_buf[start:start + bucket * tables.shape[1]].copy_(self.h_buf[start:start + bucket * tables.shape[1]],
-                                                                  non_blocking=True)
-        self.copy_done.record()
-        self.g_counter.zero_()  # this replay's tokens go to history row 0
-        self.graphs[bucket].replay()
-        self._graph_logits = None
-        self._ahead = tuple((s.seq_id, length, len(s.block_table)) for s, length in zip(seqs, lengths))
-        return True
 
     @torch.inference_mode()
     def dry_replay_graph(self, batch_size: int, context_len: int) -> torch.cuda.CUDAGraph:
@@ -359,7 +332,7 @@ class ModelRunner:
         self.h_vec = self.h_np[:rows].reshape(_INPUT_ROWS, max_bs)
         self.h_tables = self.h_np[rows:].reshape(max_bs, width)
         ids, pos, slots, adapter, lens, counter = self.g_buf[:rows].view(_INPUT_ROWS, max_bs)
-        counter = self.g_counter = counter[:1]
+        counter = counter[:1]
         tables = self.g_buf[rows:].view(max_bs, width)
         self.g_out = torch.zeros(max_bs, self.args.hidden_size, dtype=self.dtype, device=self.device)
         self.g_logits = torch.zeros(max_bs, self.args.vocab_size, dtype=torch.float32, device=self.device)
