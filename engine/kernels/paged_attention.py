@@ -4,6 +4,11 @@ Caches are ``[num_blocks, block_size, kv_heads, head_dim]``. Both attention kern
 rows through the block table (``slot = table[pos // block_size] * block_size + pos % block_size``),
 so the tile size is independent of the block size. Softmax is the online (flash) form in fp32.
 
+The engine's decode steps call ``rope_decode_attention``: the decode kernel reads the qkv rows and
+does ``rope_store_kv``'s work itself (one launch per layer fewer at batch 1); ``decode_attention``
+takes already-rotated queries (the kernel-level benches and tests). Prefill steps run
+``rope_store_kv`` and then the prefill kernel.
+
 The decode-path kernels (decode attention, its split combine) take ``USE_PDL``
 (engine/kernels/__init__.py): they read only the step's activations and caches, so each waits for
 its predecessor before its first load and only lets the next kernel's launch start early.
