@@ -146,6 +146,7 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     if on_gpu:
         runner.set_kernels(gemv=True, pdl=True)
         row["replay_profile"] = replay_profile(engine)
+        row["live_timeline"] = live_timeline(engine)
         row["gemv_choices"] = runner.gemv_tuning
         print_table("GEMV choice per projection group (timed at start-up, all layers' weights in one CUDA graph)",
                     runner.gemv_tuning, [("n", "N"), ("k", "K"), ("prologue", "prologue"), ("rows", "rows"),
@@ -221,6 +222,59 @@ def replay_profile(engine, replays: int = 20, top: int = 8) -> list[dict]:
     print_table("bs1 replay kernel profile (GEMV on)", kernels, [("kernel", "kernel"), ("calls_per_replay", "calls"),
                                                                ("us_per_replay", "us / replay"), ("share", "share")])
     return kernels
+
+
+def live_timeline(engine, tokens: int = 96, skip: int = 16) -> dict:
+    """Where a live batch-1 greedy request's wall time goes on the GPU: one request under the CUDA
+    profiler, its kernels laid out in time (after the first ``skip`` tokens). ``busy_ms`` is the union
+    of kernel intervals, ``idle_ms`` the gaps between them, split into gaps shorter than 5 us (launch
+    spacing inside a graph) and longer ones (the GPU waiting for the host); compared per token with the
+    dry replay, it says whether the step's excess over the replay is idle GPU or slower live replays.
+    (The profiler adds host time per launch, so the long gaps are an upper bound.)"""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import SamplingParams
+
+    engine.add_request(list(range(1, 129)), SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True), "timeline")
+    seq = engine.requests["timeline"].seqs[0]
+    while seq.num_output_tokens < skip:
+        engine.step()
+    torch.cuda.synchronize()
+    first = seq.num_output_tokens
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        while engine.has_unfinished():
+            engine.step()
+        torch.cuda.synchronize()
+    made = seq.num_output_tokens - first
+    engine.output("timeline")
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    out = timeline_stats(spans, made)
+    print(f"  live timeline ({made} tokens): GPU busy {out['busy_ms_per_token']:.3f} ms/token, idle in short gaps "
+          f"{out['idle_short_ms_per_token']:.3f}, in {out['gaps_over_5us']} gaps >= 5 us {out['idle_long_ms_per_token']:.3f} "
+          f"(largest {', '.join(f'{g:.0f}' for g in out['largest_gaps_us'])} us)", flush=True)
+    return out
+
+
+def timeline_stats(spans: list[tuple[float, float]], tokens: int) -> dict:
+    """Per token: the union of kernel intervals ``spans`` (us) and the gaps between them, short (< 5 us)
+    and long; plus the count and the five largest gaps."""
+    busy = idle_short = idle_long = 0.0
+    gaps, end = [], None
+    for start, stop in sorted(spans):
+        if end is not None and start > end:
+            gaps.append(start - end)
+            if start - end < 5:
+                idle_short += start - end
+            else:
+                idle_long += start - end
+        busy += max(0.0, stop - (start if end is None else max(start, end)))
+        end = stop if end is None else max(end, stop)
+    per = 1e3 * max(tokens, 1)
+    return {"tokens": tokens, "busy_ms_per_token": busy / per, "idle_short_ms_per_token": idle_short / per,
+            "idle_long_ms_per_token": idle_long / per, "gaps_over_5us": sum(g >= 5 for g in gaps),
+            "largest_gaps_us": sorted(gaps)[-5:]}
 
 
 def _hf_model(model_dir: str):

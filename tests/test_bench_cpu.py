@@ -131,6 +131,17 @@ def test_latency_metrics_from_token_timestamps():
     assert len({tuple(a.prompt[:40]) for a in burst}) == 1 and len({tuple(a.prompt) for a in burst}) == 5
 
 
+def test_live_timeline_splits_gpu_time_into_busy_and_idle():
+    """Overlapping kernels count once as busy time; gaps under 5 us are launch spacing, longer ones the
+    GPU waiting (the split the batch-1 bench uses to explain a step's excess over its graph replay)."""
+    from bench.engine_throughput import timeline_stats
+
+    stats = timeline_stats([(40, 50), (0, 10), (5, 12), (14, 20)], tokens=2)  # unsorted, one overlap
+    assert stats["busy_ms_per_token"] == (12 + 6 + 10) / 2e3
+    assert stats["idle_short_ms_per_token"] == 2 / 2e3 and stats["idle_long_ms_per_token"] == 20 / 2e3
+    assert stats["gaps_over_5us"] == 1 and stats["largest_gaps_us"] == [2, 20]
+
+
 def test_engine_latency_smoke_measures_both_features(tmp_path):
     out = tmp_path / "lat.json"
     proc = _run([sys.executable, "bench/engine_latency.py", "--smoke", "--out", str(out), "--workdir", str(tmp_path / "w")], timeout=300)
