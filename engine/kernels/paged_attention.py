@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import use_pdl
-from engine.kernels.rope_kv import head_inv_rms, head_rms_norm, rope_halves, rounded
+from engine.kernels.rope_kv import head_inv_rms, head_rms_norm, rope_halves, rope_row
 
 _LOG2E = 1.4426950408889634
 
@@ -115,9 +115,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_pt
             q_lo, q_hi = head_rms_norm(q_lo, q_hi, qw_lo[None, :], qw_hi[None, :], q_inv[:, None], dtype)
             k_inv = head_inv_rms(k_lo, k_hi, eps, HEAD_DIM, 0)
             k_lo, k_hi = head_rms_norm(k_lo, k_hi, kw_lo, kw_hi, k_inv, dtype)
-        table = tl.load(pos_ptr + seq).to(tl.int64) * cos_stride
-        cos_lo, cos_hi = rounded(tl.load(cos_ptr + table + offs_h), dtype), rounded(tl.load(cos_ptr + table + HALF + offs_h), dtype)
-        sin_lo, sin_hi = rounded(tl.load(sin_ptr + table + offs_h), dtype), rounded(tl.load(sin_ptr + table + HALF + offs_h), dtype)
+        cos_lo, cos_hi, sin_lo, sin_hi = rope_row(cos_ptr, sin_ptr, tl.load(pos_ptr + seq), cos_stride, offs_h, HALF + offs_h,
+                                                  offs_h < HALF, dtype)
         q_lo, q_hi = rope_halves(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
         k_lo, k_hi = rope_halves(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
         q = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)), (GROUP_PAD, HEAD_DIM)).to(dtype)
@@ -164,7 +163,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_pt
             m = m_new
     if NUM_SPLITS == 1:
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
-        out_row = out_ptr + seq * (NUM_KV_HEADS * GROUP * HEAD_DIM) if FUSED_ROPE else out_ptr + seq * q_stride
+        out_row = out_ptr + seq * (NUM_KV_HEADS * GROUP * HEAD_DIM)  # out is a fresh [seqs, heads, head_dim] tensor
         tl.store(out_row + heads[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
     else:  # partials: [seq, head, split, HEAD_DIM + 2] fp32 = acc | m | l
         num_heads = NUM_KV_HEADS * GROUP

@@ -54,6 +54,17 @@ def head_rms_norm(x_lo, x_hi, w_lo, w_hi, inv_rms, dtype: tl.constexpr):
 
 
 @triton.jit
+def rope_row(cos_ptr, sin_ptr, position, stride, lo, hi, mask, dtype: tl.constexpr):
+    """``(cos_lo, cos_hi, sin_lo, sin_hi)`` of a position's row of the fp32 RoPE tables at the head's
+    columns ``lo`` / ``hi``, rounded to ``dtype`` (HF casts the tables before multiplying)."""
+    row = position.to(tl.int64) * stride
+    return (rounded(tl.load(cos_ptr + row + lo, mask=mask, other=0.0), dtype),
+            rounded(tl.load(cos_ptr + row + hi, mask=mask, other=0.0), dtype),
+            rounded(tl.load(sin_ptr + row + lo, mask=mask, other=0.0), dtype),
+            rounded(tl.load(sin_ptr + row + hi, mask=mask, other=0.0), dtype))
+
+
+@triton.jit
 def rope_halves(x_lo, x_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype: tl.constexpr):
     """RoPE of a head's halves with ``rotate_half(x) = cat(-x_hi, x_lo)``; cos/sin already rounded to
     ``dtype`` (HF casts the tables first); every product and sum rounded as torch's separate ops."""
@@ -90,11 +101,7 @@ def _rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, 
     if QK_NORM:
         inv_rms = head_inv_rms(x_lo, x_hi, eps, HEAD_DIM, 0)
         x_lo, x_hi = head_rms_norm(x_lo, x_hi, w_lo, w_hi, inv_rms, dtype)
-    table = tl.load(pos_ptr + token).to(tl.int64) * table_stride
-    cos_lo = rounded(tl.load(cos_ptr + table + lo, mask=in_half, other=0.0), dtype)  # HF casts the tables first
-    cos_hi = rounded(tl.load(cos_ptr + table + hi, mask=in_half, other=0.0), dtype)
-    sin_lo = rounded(tl.load(sin_ptr + table + lo, mask=in_half, other=0.0), dtype)
-    sin_hi = rounded(tl.load(sin_ptr + table + hi, mask=in_half, other=0.0), dtype)
+    cos_lo, cos_hi, sin_lo, sin_hi = rope_row(cos_ptr, sin_ptr, tl.load(pos_ptr + token), table_stride, lo, hi, in_half, dtype)
     out_lo, out_hi = rope_halves(x_lo, x_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
     out_lo, out_hi = out_lo.to(dtype), out_hi.to(dtype)
 
