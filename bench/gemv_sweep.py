@@ -35,7 +35,7 @@ FAMILIES = ("row", "dot", "whole", "engine")
 def configs(n: int, k: int, num_sms: int, families: list[str]):
     """The configs of ``families``: row (tile grid), dot (tl.dot), whole (one tile per program's K
     slice: ``whole_slice_configs``), engine (the start-up tuner's candidates, for reference)."""
-    from engine.kernels.gemv import GemvConfig, candidate_configs, whole_slice_configs
+    from engine.kernels.gemv import GemvConfig, candidate_configs, split_k_for, whole_slice_configs
 
     out = []
     if "engine" in families:
@@ -43,18 +43,10 @@ def configs(n: int, k: int, num_sms: int, families: list[str]):
     if "whole" in families:
         out += whole_slice_configs(k)
     for block_n, block_k, warps in itertools.product((8, 16, 32), (128, 256, 512), (4, 8)) if "row" in families else ():
-        tiles, stages = -(-n // block_n), 2
-        for target in (4, 8):  # programs per SM the split-K aims for
-            split = 1
-            while tiles * split < target * num_sms and split * 2 * block_k <= k and split < 16:
-                split *= 2
-            out.append(GemvConfig(1, block_n, block_k, split, warps, stages))
+        for per_sm in (4, 8):  # programs per SM the split-K aims for
+            out.append(GemvConfig(1, block_n, block_k, split_k_for(n, k, block_n, block_k, num_sms, per_sm), warps, 2))
     for block_n, block_k, warps, stages in ((32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3)) if "dot" in families else ():
-        tiles = -(-n // block_n)
-        split = 1
-        while tiles * split < 4 * num_sms and split * 2 * block_k <= k and split < 16:
-            split *= 2
-        out.append(GemvConfig(16, block_n, block_k, split, warps, stages))
+        out.append(GemvConfig(16, block_n, block_k, split_k_for(n, k, block_n, block_k, num_sms), warps, stages))
     return list(dict.fromkeys(out))
 
 
@@ -64,6 +56,9 @@ def main() -> int:
     p.add_argument("--families", type=csv_list, default=["row", "dot", "whole"], help=f"config families: {', '.join(FAMILIES)}")
     p.add_argument("--time-budget", type=float, default=150.0, help="seconds; the remaining projections are skipped")
     args = p.parse_args()
+    unknown = set(args.families) - set(FAMILIES)
+    if unknown:
+        p.error(f"--families: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FAMILIES)}")
     import torch
     import torch.nn.functional as F
 

@@ -300,16 +300,20 @@ def candidate_configs(n: int, k: int, m: int, num_sms: int) -> list[GemvConfig]:
     shapes = [(16, 32, 128, 4, 4), (16, 64, 64, 4, 4)]
     if m == 1:
         shapes += [(1, 8, 512, 4, 2), (1, 8, 128, 8, 2)]
-    configs = []
-    for block_m, block_n, block_k, warps, stages in shapes:
-        tiles = triton.cdiv(n, block_n)
-        split = 1
-        while tiles * split < 4 * num_sms and split * 2 * block_k <= k and split < 16:
-            split *= 2
-        configs.append(GemvConfig(block_m, block_n, block_k, split, warps, stages))
+    configs = [GemvConfig(block_m, block_n, block_k, split_k_for(n, k, block_n, block_k, num_sms), warps, stages)
+               for block_m, block_n, block_k, warps, stages in shapes]
     if m == 1:
         configs += whole_slice_configs(k)
     return configs
+
+
+def split_k_for(n: int, k: int, block_n: int, block_k: int, num_sms: int, per_sm: int = 4) -> int:
+    """The split-K (a power of two, at most 16) that gives the grid about ``per_sm`` programs per SM,
+    capped so every split keeps at least one K tile."""
+    tiles, split = triton.cdiv(n, block_n), 1
+    while tiles * split < per_sm * num_sms and split * 2 * block_k <= k and split < 16:
+        split *= 2
+    return split
 
 
 def whole_slice_configs(k: int) -> list[GemvConfig]:
