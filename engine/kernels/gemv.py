@@ -25,6 +25,10 @@ elementwise, so no program waits on a reduction before streaming weights:
   cuBLAS + a norm kernel on the 1B shape's qkv and gate_up.)
 - ``silu_mul`` (down_proj): ``x = silu(gate) * up`` read from the gate_up output ``[M, 2K]``.
 
+Epilogue ``add_residual`` (o_proj, down_proj in the model): the output tile plus the residual, and
+each row's sum of squares over the tile; the next ``add_rms_norm`` GEMV, given those sums, skips the
+statistics kernel (the model's decode layers run that way at <= 8 rows).
+
 PDL (``USE_PDL``, engine/kernels/__init__.py): the first weight tile is loaded before ``gdc_wait``,
 so at batch 1 the kernel's launch and first HBM round trip overlap the previous kernel's tail;
 everything else (x, the rows' 1/rms, workspace, outputs) waits. The loop's first iteration is peeled to
