@@ -82,6 +82,38 @@ def kernel_checks(device: str) -> list[dict]:
     return rows
 
 
+def merge_checks(device: str, repeats: int = 200) -> list[dict]:
+    """The decode kernel's in-kernel split merge (the last split to finish merges) against the separate
+    combine kernel: bit-equal on every one of ``repeats`` launches (a missed arrival or a partial read
+    before it was written would show as a differing or stale result), and the counters back at zero."""
+    import torch
+
+    from engine.kernels import paged_attention as kernels
+
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, head_dim, block_size, num_blocks = 16, 8, 128, 16, 512
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(device, torch.bfloat16)
+                        for _ in range(2))
+    rows = []
+    for ctx_lens in ([256], [1, 64, 65, 1000], [2047, 3]):
+        perm, tables = torch.randperm(num_blocks, generator=g).tolist(), []
+        for n in ctx_lens:
+            need = -(-n // block_size)
+            tables.append(perm[:need] + [0] * (128 - need))
+            perm = perm[need:]
+        tables = torch.tensor(tables, dtype=torch.int32, device=device)
+        lens = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+        q = torch.randn(len(ctx_lens), heads, head_dim, generator=g).to(device, torch.bfloat16)
+        splits = kernels.decode_splits(len(ctx_lens), kv_heads, 128 * block_size)
+        expected = kernels.decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5, splits, merge_in_kernel=False)
+        same = sum(torch.equal(kernels.decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5, splits,
+                                                        merge_in_kernel=True), expected) for _ in range(repeats))
+        zero = not kernels.split_counters(torch.device(device), 1).any().item()
+        rows.append({"check": f"in-kernel split merge == combine kernel, contexts {ctx_lens} ({splits} splits, {repeats} launches)",
+                     "value": same / repeats, "target": "1.0 and counters 0", "ok": same == repeats and zero})
+    return rows
+
+
 GEMV_SHAPES = [(4096, 1024, "add_rms_norm"), (1024, 2048, "none"), (1024, 3072, "silu_mul"),  # qwen3-0.6b (N, K)
                (16384, 2048, "add_rms_norm"), (2048, 8192, "silu_mul"), (151936, 1024, "none")]  # llama-3.2-1b, LM head
 
@@ -258,6 +290,12 @@ def main() -> int:
             traceback.print_exc()
             rows.append({"check": "kernels", "error": f"{type(e).__name__}: {e}", "ok": False})
         save_results(args.out, "engine_gpu_check", args, rows)
+    if device == "cuda":
+        try:
+            rows += merge_checks(device)
+        except Exception as e:
+            traceback.print_exc()
+            rows.append({"check": "split merge", "error": f"{type(e).__name__}: {e}", "ok": False})
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="engine-check-"))
     try:
         model_dir = build_model(workdir / "qwen3-0.6b", args.smoke)

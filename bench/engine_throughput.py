@@ -114,8 +114,10 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 
 
 # bs1 settings measured side by side in one engine: (name, changes from the engine defaults); GPU-only
-# switches (gemv, pdl) go through ModelRunner.set_kernels, decode_steps through the engine config
-VARIANTS = (("default", {}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}))
+# switches (gemv, pdl, merge_in_kernel) go through ModelRunner.set_kernels, decode_steps through the engine config
+VARIANTS = (("default", {}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
+            ("combine kernel", {"merge_in_kernel": False}))
+KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel")
 
 
 def decode_roofline(llm, steps: int = 200) -> dict:
@@ -131,7 +133,7 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     on_gpu = engine.device.type == "cuda"
     default_steps = engine.config.decode_steps
     for variant, changes in VARIANTS:
-        kernels = {key: changes.get(key, True) for key in ("gemv", "pdl")}
+        kernels = {key: changes.get(key, True) for key in KERNEL_SWITCHES}
         if not on_gpu and changes.keys() & kernels.keys():
             continue  # no GEMV or PDL on CPU: the same as the defaults
         if on_gpu:
@@ -144,7 +146,7 @@ def decode_roofline(llm, steps: int = 200) -> dict:
               flush=True)
     engine.config.decode_steps = default_steps
     if on_gpu:
-        runner.set_kernels(gemv=True, pdl=True)
+        runner.set_kernels(**{key: True for key in KERNEL_SWITCHES})
         row["replay_profile"] = replay_profile(engine)
         row["live_timeline"] = live_timeline(engine)
         row["gemv_choices"] = runner.gemv_tuning
@@ -446,7 +448,7 @@ def main() -> int:
                   "ms / token: wall time per generated token (engine steps incl. scheduling, copies, replays, token read); "
                   "replay: GPU time of one decode graph alone",
                   "variants: default = engine defaults; 1 step = engine.decode_steps=1; no PDL = engine.pdl=false; "
-                  "cublas = engine.gemv=false"])
+                  "cublas = engine.gemv=false; combine kernel = the decode attention's splits merged by a second kernel"])
     for row in rows:
         if row.get("partial"):
             print(f"note: {row['shape']} transformers side is partial ({row['requests']} requests)")

@@ -77,15 +77,20 @@ class ModelRunner:
         self.gemv_tuning = plan(self.model.projections(), self.device)
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
 
-    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None) -> None:
-        """Switch the Triton GEMV and/or PDL on or off (benchmarks A/B them in one process); recaptures
-        the graphs, which keep the kernels and launch attributes they were captured with."""
+    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None) -> None:
+        """Switch the Triton GEMV, PDL and/or the decode attention's in-kernel split merge on or off
+        (benchmarks A/B them in one process); recaptures the graphs, which keep the kernels and launch
+        attributes they were captured with."""
         if self.device.type != "cuda":
-            raise RuntimeError("the Triton GEMV and PDL run on CUDA only")
+            raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
         if pdl is not None:
             from engine.kernels import set_pdl
 
             set_pdl(pdl)
+        if merge_in_kernel is not None:
+            from engine.kernels.paged_attention import set_merge_in_kernel
+
+            set_merge_in_kernel(merge_in_kernel)
         if gemv and not self._gemv_plans:
             self._plan_gemv()
         if gemv is not None:

@@ -54,13 +54,18 @@ def check_decode() -> None:
     # same, and a padded row (context 0) giving zeros without touching the others
     lens = ctx.context_lens.clone()
     lens[0] = 0
+    # and the split merge in the decode kernel (its last split) equal to the separate combine kernel
     for splits in (1, 4, 8):
         first = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, 0.25, splits)
         again = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, 0.25, splits)
         torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
         assert torch.equal(first, again), splits
+        separate = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, 0.25, splits, False)
+        assert torch.equal(separate, first), splits
         padded = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, lens, 0.25, splits)
         assert torch.equal(padded[0], torch.zeros_like(padded[0])) and torch.equal(padded[1:], first[1:]), splits
+    counters = kernels.split_counters(q.device, 1)
+    assert not counters.any(), "every launch leaves its arrival counters at zero"
 
 
 def check_prefill() -> None:
@@ -169,6 +174,7 @@ def check_rope_decode() -> None:
             torch.testing.assert_close(got_k, ref_k, rtol=1e-6, atol=1e-6, msg=lambda m: f"{case}: {m}")
             assert torch.equal(got_v, ref_v), case
             assert torch.equal(rope_decode_attention(*args, ctx.context_lens, 0.25, heads, splits), first), case
+            assert torch.equal(rope_decode_attention(*args, ctx.context_lens, 0.25, heads, splits, False), first), case
             padded_lens, padded_slots = ctx.context_lens.clone(), slots.clone()
             padded_lens[0], padded_slots[0] = 0, -1
             fresh_k, fresh_v = k_cache.clone(), v_cache.clone()

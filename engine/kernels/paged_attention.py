@@ -9,6 +9,10 @@ does ``rope_store_kv``'s work itself (one launch per layer fewer at batch 1); ``
 takes already-rotated queries (the kernel-level benches and tests). Prefill steps run
 ``rope_store_kv`` and then the prefill kernel.
 
+At small batches the decode kernel splits each context over several programs (``decode_splits``);
+the split that finishes last merges the partials (an arrival counter per sequence and K/V head), so
+a decode layer's attention is one launch.
+
 The decode-path kernels (decode attention, its split combine) take ``USE_PDL``
 (engine/kernels/__init__.py): they read only the step's activations and caches, so each waits for
 its predecessor before its first load and only lets the next kernel's launch start early.
@@ -71,13 +75,46 @@ def _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head,
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_ptr, lens_ptr, scale_log2,
+def _split_chunk(context_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A split's share of the context in whole BLOCK_N tiles, and how many splits have any (at least
+    one: split 0 of an empty context writes the zeros). Read from the device, so the grid — and a
+    captured CUDA graph — is independent of the context length; the splits past ``live`` skip."""
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
+    return chunk, tl.maximum(tl.cdiv(context_len, chunk), 1)
+
+
+@triton.jit
+def _merge_splits(part_ptr, out_ptr, live, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One (sequence, head): rescale the first ``live`` partials ``[NUM_SPLITS, HEAD_DIM + 2]`` at
+    ``part_ptr`` to their common max, sum, normalize, store ``HEAD_DIM`` values at ``out_ptr``.
+    The loads bypass L1 (``.cg``): other programs of the same grid may have written them."""
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_s = offs_s < live
+    base = part_ptr + offs_s * (HEAD_DIM + 2)
+    m = tl.load(base + HEAD_DIM, mask=mask_s, other=float("-inf"), cache_modifier=".cg")  # -inf: nothing seen
+    l = tl.load(base + HEAD_DIM + 1, mask=mask_s, other=0.0, cache_modifier=".cg")
+    acc = tl.load(base[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
+    total = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr, tables_ptr, lens_ptr, scale_log2,
                    table_stride, q_stride, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slot_ptr, cos_stride, eps,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-                   USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr, QK_NORM: tl.constexpr):
+                   USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr, QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
-    output; otherwise it writes its unnormalized partial (acc, max, sum) for ``_combine_kernel``.
+    output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
+    ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
+    last: each live split counts itself in ``count_ptr[seq, kv_head]`` after its partial is written,
+    and the one that brings the count to ``live`` merges its query heads and resets the counter for
+    the next launch. The merge reads every partial in split order, whichever program runs it, so the
+    result is the same bit for bit as the separate kernel's.
 
     FUSED_ROPE: ``q_ptr`` is the qkv projection's output and the kernel does what ``rope_store_kv``
     would have done first (one launch per layer fewer): (q/k norm and) RoPE of its query heads and of
@@ -96,103 +133,103 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, tables_pt
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_g = offs_g < GROUP
-    heads = kv_head * GROUP + offs_g  # the query heads sharing this K/V head
     context_len = tl.load(lens_ptr + seq)
-    if FUSED_ROPE:
-        dtype: tl.constexpr = q_ptr.dtype.element_ty
-        offs_h = tl.arange(0, HALF)
-        row = q_ptr + seq.to(tl.int64) * q_stride
-        q_lo = tl.load(row + heads[:, None] * HEAD_DIM + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
-        q_hi = tl.load(row + heads[:, None] * HEAD_DIM + HALF + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
-        k_row = row + (NUM_KV_HEADS * GROUP + kv_head) * HEAD_DIM
-        k_lo, k_hi = tl.load(k_row + offs_h).to(tl.float32), tl.load(k_row + HALF + offs_h).to(tl.float32)
-        v_new = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + offs_d)
-        if QK_NORM:  # order-independent sums: the keys equal rope_store_kv's bit for bit
-            q_inv = head_inv_rms(q_lo, q_hi, eps, HEAD_DIM, 1)
-            q_lo, q_hi = head_rms_norm(q_lo, q_hi, qw_lo[None, :], qw_hi[None, :], q_inv[:, None], dtype)
-            k_inv = head_inv_rms(k_lo, k_hi, eps, HEAD_DIM, 0)
-            k_lo, k_hi = head_rms_norm(k_lo, k_hi, kw_lo, kw_hi, k_inv, dtype)
-        cos_lo, cos_hi, sin_lo, sin_hi = rope_row(cos_ptr, sin_ptr, tl.load(pos_ptr + seq), cos_stride, offs_h, HALF + offs_h,
-                                                  offs_h < HALF, dtype)
-        q_lo, q_hi = rope_halves(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
-        k_lo, k_hi = rope_halves(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
-        q = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)), (GROUP_PAD, HEAD_DIM)).to(dtype)
-        k_new = tl.reshape(tl.permute(tl.join(k_lo, k_hi), (1, 0)), (HEAD_DIM,)).to(dtype)
-        slot = tl.load(slot_ptr + seq)
-        if (split == 0) & (slot >= 0):  # slot -1: a padded graph row stores nothing
-            cache_row = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
-            tl.store(k_cache_ptr + cache_row + offs_d, k_new)
-            tl.store(v_cache_ptr + cache_row + offs_d, v_new)
-        cached_len = context_len - 1  # the new token is not read from the cache
-    else:
-        q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_g[:, None], other=0.0)
-        cached_len = context_len
-    # the split's share of the context, in whole BLOCK_N tiles; read from the device so the grid
-    # (and so a captured CUDA graph) is independent of the context length
-    chunk = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    split_end = tl.minimum(start + chunk, context_len)
-    end = tl.minimum(split_end, cached_len)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    while start < end:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
-        k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
-                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
-        start += BLOCK_N
-    if FUSED_ROPE:
-        if (cached_len >= split * chunk) & (cached_len < split_end):  # this split holds the new token
-            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
-            m_new = tl.maximum(m, s_new)
-            p = tl.exp2(s_new - m_new)
+    chunk, live = _split_chunk(context_len, NUM_SPLITS, BLOCK_N)
+    if split < live:  # the grid is sized for max_model_len: splits past the context have nothing to do
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask_g = offs_g < GROUP
+        heads = kv_head * GROUP + offs_g  # the query heads sharing this K/V head
+        if FUSED_ROPE:
+            dtype: tl.constexpr = q_ptr.dtype.element_ty
+            offs_h = tl.arange(0, HALF)
+            row = q_ptr + seq.to(tl.int64) * q_stride
+            q_lo = tl.load(row + heads[:, None] * HEAD_DIM + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
+            q_hi = tl.load(row + heads[:, None] * HEAD_DIM + HALF + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
+            k_row = row + (NUM_KV_HEADS * GROUP + kv_head) * HEAD_DIM
+            k_lo, k_hi = tl.load(k_row + offs_h).to(tl.float32), tl.load(k_row + HALF + offs_h).to(tl.float32)
+            v_new = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + offs_d)
+            if QK_NORM:  # order-independent sums: the keys equal rope_store_kv's bit for bit
+                q_inv = head_inv_rms(q_lo, q_hi, eps, HEAD_DIM, 1)
+                q_lo, q_hi = head_rms_norm(q_lo, q_hi, qw_lo[None, :], qw_hi[None, :], q_inv[:, None], dtype)
+                k_inv = head_inv_rms(k_lo, k_hi, eps, HEAD_DIM, 0)
+                k_lo, k_hi = head_rms_norm(k_lo, k_hi, kw_lo, kw_hi, k_inv, dtype)
+            cos_lo, cos_hi, sin_lo, sin_hi = rope_row(cos_ptr, sin_ptr, tl.load(pos_ptr + seq), cos_stride, offs_h, HALF + offs_h,
+                                                      offs_h < HALF, dtype)
+            q_lo, q_hi = rope_halves(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
+            k_lo, k_hi = rope_halves(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
+            q = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)), (GROUP_PAD, HEAD_DIM)).to(dtype)
+            k_new = tl.reshape(tl.permute(tl.join(k_lo, k_hi), (1, 0)), (HEAD_DIM,)).to(dtype)
+            slot = tl.load(slot_ptr + seq)
+            if (split == 0) & (slot >= 0):  # slot -1: a padded graph row stores nothing
+                cache_row = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
+                tl.store(k_cache_ptr + cache_row + offs_d, k_new)
+                tl.store(v_cache_ptr + cache_row + offs_d, v_new)
+            cached_len = context_len - 1  # the new token is not read from the cache
+        else:
+            q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+            cached_len = context_len
+        start = split * chunk
+        split_end = tl.minimum(start + chunk, context_len)
+        end = tl.minimum(split_end, cached_len)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        while start < end:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
+            k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
+                                              NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m - m_new)
-            l = l * alpha + p
-            # p rounded to the cache dtype, as the tiles' p feeds tl.dot
-            acc = acc * alpha[:, None] + p.to(dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-    if NUM_SPLITS == 1:
-        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
-        out_row = out_ptr + seq * (NUM_KV_HEADS * GROUP * HEAD_DIM)  # out is a fresh [seqs, heads, head_dim] tensor
-        tl.store(out_row + heads[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
-    else:  # partials: [seq, head, split, HEAD_DIM + 2] fp32 = acc | m | l
-        num_heads = NUM_KV_HEADS * GROUP
-        base = part_ptr + ((seq * num_heads + heads) * NUM_SPLITS + split) * (HEAD_DIM + 2)
-        tl.store(base[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
-        tl.store(base + HEAD_DIM, m, mask=mask_g)
-        tl.store(base + HEAD_DIM + 1, l, mask=mask_g)
+            start += BLOCK_N
+        if FUSED_ROPE:
+            if (cached_len >= split * chunk) & (cached_len < split_end):  # this split holds the new token
+                s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
+                m_new = tl.maximum(m, s_new)
+                p = tl.exp2(s_new - m_new)
+                alpha = tl.exp2(m - m_new)
+                l = l * alpha + p
+                # p rounded to the cache dtype, as the tiles' p feeds tl.dot
+                acc = acc * alpha[:, None] + p.to(dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+                m = m_new
+        num_heads: tl.constexpr = NUM_KV_HEADS * GROUP
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
+            out_row = out_ptr + seq * (num_heads * HEAD_DIM)  # out is a fresh [seqs, heads, head_dim] tensor
+            tl.store(out_row + heads[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+        else:  # partials: [seq, head, split, HEAD_DIM + 2] fp32 = acc | m | l
+            base = part_ptr + ((seq * num_heads + heads) * NUM_SPLITS + split) * (HEAD_DIM + 2)
+            tl.store(base[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
+            tl.store(base + HEAD_DIM, m, mask=mask_g)
+            tl.store(base + HEAD_DIM + 1, l, mask=mask_g)
+            if MERGE_IN_KERNEL:
+                tl.debug_barrier()  # every thread's partial stores happen before the release below
+                counter = count_ptr + seq * NUM_KV_HEADS + kv_head
+                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == live - 1:  # the last split to finish
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                    for g in tl.static_range(GROUP):
+                        head = kv_head * GROUP + g
+                        _merge_splits(part_ptr + (seq * num_heads + head) * NUM_SPLITS * (HEAD_DIM + 2),
+                                      out_ptr + seq * (num_heads * HEAD_DIM) + head * HEAD_DIM, live, NUM_SPLITS, HEAD_DIM)
 
 
 @triton.jit
-def _combine_kernel(part_ptr, out_ptr, q_stride, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
-    """Merges the splits of one (sequence, head): rescale each partial to the global max, then sum."""
+def _combine_kernel(part_ptr, out_ptr, lens_ptr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    """Merges the live splits of one (sequence, head) in a second launch (the MERGE_IN_KERNEL=False path)."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    offs_s = tl.arange(0, NUM_SPLITS)
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = part_ptr + ((seq * NUM_HEADS + head) * NUM_SPLITS + offs_s) * (HEAD_DIM + 2)
-    m = tl.load(base + HEAD_DIM)  # -inf for an empty split
-    l = tl.load(base + HEAD_DIM + 1)
-    acc = tl.load(base[:, None] + offs_d[None, :])
-    m_max = tl.max(m, 0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
-    total = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + seq * q_stride + head * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
+    _, live = _split_chunk(tl.load(lens_ptr + seq), NUM_SPLITS, BLOCK_N)
+    _merge_splits(part_ptr + (seq * NUM_HEADS + head) * NUM_SPLITS * (HEAD_DIM + 2),
+                  out_ptr + (seq * NUM_HEADS + head) * HEAD_DIM, live, NUM_SPLITS, HEAD_DIM)
 
 
 def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int = 64) -> int:
@@ -206,19 +243,22 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: i
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+                     merge_in_kernel: bool | None = None) -> torch.Tensor:
     """q: [num_seqs, heads, head_dim], one new token per sequence -> [num_seqs, heads, head_dim].
 
     ``num_splits`` is fixed per call shape (the model runner derives it from the batch size and
-    ``max_model_len``), so a CUDA graph captures one grid that serves every context length."""
+    ``max_model_len``), so a CUDA graph captures one grid that serves every context length.
+    ``merge_in_kernel``: the last split merges (default: ``set_merge_in_kernel``'s process-wide choice)."""
     q = q.contiguous()
-    return _decode(q, None, k_cache, v_cache, block_tables, context_lens, scale, num_splits, q.shape[1])
+    return _decode(q, None, k_cache, v_cache, block_tables, context_lens, scale, num_splits, q.shape[1], merge_in_kernel)
 
 
 def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                          context_lens: torch.Tensor, scale: float, num_heads: int, num_splits: int | None = None) -> torch.Tensor:
+                          context_lens: torch.Tensor, scale: float, num_heads: int, num_splits: int | None = None,
+                          merge_in_kernel: bool | None = None) -> torch.Tensor:
     """Decode attention straight from the qkv projection's output ``[num_seqs, (heads + 2 * kv_heads) * head_dim]``
     (contiguous rows): ``rope_store_kv`` (q/k norm, RoPE, the new K/V into the cache at ``slot_mapping``)
     and ``decode_attention`` in one kernel -> ``[num_seqs, heads, head_dim]``."""
@@ -232,36 +272,64 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     if q_norm_weight is not None and not (q_norm_weight.dtype == k_norm_weight.dtype == qkv.dtype):
         raise ValueError(f"rope_decode_attention: q/k norm weights ({q_norm_weight.dtype}) must be in the activation dtype {qkv.dtype}")
     rope = (positions, cos, sin, q_norm_weight, k_norm_weight, slot_mapping, cos.stride(0), eps)
-    return _decode(qkv, rope, k_cache, v_cache, block_tables, context_lens, scale, num_splits, num_heads)
+    return _decode(qkv, rope, k_cache, v_cache, block_tables, context_lens, scale, num_splits, num_heads, merge_in_kernel)
+
+
+_merge_in_kernel = True
+_split_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def set_merge_in_kernel(enabled: bool) -> None:
+    """Process-wide: merge a split decode's partials in the decode kernel itself (its last split to
+    finish; one launch per layer fewer) or in ``_combine_kernel`` after it (benchmarks A/B the two;
+    the model runner recaptures its graphs after switching)."""
+    global _merge_in_kernel
+    _merge_in_kernel = bool(enabled)
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The in-kernel merge's arrival counters, one per (sequence, K/V head), zero between launches
+    (the last split resets its own). One buffer per device that lives as long as the process: CUDA
+    graphs keep its address, and a buffer freed after capture would be reused under a replaying graph."""
+    counters = _split_counters.get(device)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode attention: the split counters must be allocated by an eager call before graph capture")
+        counters = _split_counters[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-            context_lens: torch.Tensor, scale: float, num_splits: int | None, num_heads: int) -> torch.Tensor:
-    """Launch the decode kernel (and its split combine): ``q`` rotated queries, or with ``rope`` the qkv rows."""
+            context_lens: torch.Tensor, scale: float, num_splits: int | None, num_heads: int,
+            merge_in_kernel: bool | None) -> torch.Tensor:
+    """Launch the decode kernel (and, without the in-kernel merge, its split combine): ``q`` rotated
+    queries, or with ``rope`` the qkv rows."""
     num_seqs = q.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     group = num_heads // num_kv_heads
     block_n = 64
     if num_splits is None:
         num_splits = decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n)
+    merge = (_merge_in_kernel if merge_in_kernel is None else merge_in_kernel) and num_splits > 1
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
     partials = (torch.empty(num_seqs, num_heads, num_splits, head_dim + 2, dtype=torch.float32, device=q.device)
                 if num_splits > 1 else out)
+    counters = split_counters(q.device, num_seqs * num_kv_heads) if merge else context_lens
     pdl = use_pdl(q.device)
     positions, cos, sin, q_norm, k_norm, slots, cos_stride, eps = rope or (out, out, out, None, None, out, 0, 0.0)
     qk_norm = q_norm is not None
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, partials, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0), q.stride(0),
-        positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
+        q, k_cache, v_cache, out, partials, counters, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0),
+        q.stride(0), positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q),
-        USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm,
+        USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )
-    if num_splits > 1:
-        _combine_kernel[(num_seqs, num_heads)](partials, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-                                               NUM_SPLITS=num_splits, USE_PDL=pdl, launch_pdl=pdl)
+    if num_splits > 1 and not merge:
+        _combine_kernel[(num_seqs, num_heads)](partials, out, context_lens, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+                                               NUM_SPLITS=num_splits, BLOCK_N=block_n, USE_PDL=pdl, launch_pdl=pdl)
     return out
 
 
