@@ -23,7 +23,7 @@ class EngineConfig:
     # greedy decode steps run back to back on the device per engine step, each feeding its argmax to the
     # next, tokens read once at the end (vLLM's multi-step scheduling): the host's share of a step is
     # paid once per decode_steps tokens. Only when every running sequence is plain greedy and nothing waits.
-    decode_steps: int = 8
+    decode_steps: int = 16
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)
     attention_backend: str = "auto"  # auto (triton on GPU, torch on CPU) | torch | triton
     adapter: str | None = None  # eval: PEFT adapter dir merged into the base weights at load time

@@ -64,6 +64,12 @@ def check_decode() -> None:
         assert torch.equal(separate, first), splits
         padded = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, lens, 0.25, splits)
         assert torch.equal(padded[0], torch.zeros_like(padded[0])) and torch.equal(padded[1:], first[1:]), splits
+    # a wide group (8 query heads per K/V head): the merge takes the live splits in several tiles
+    q, k_cache, v_cache, ctx = paged_setup([1, 1], [300, 5], heads=16, kv_heads=2, num_blocks=90)
+    expected = paged_attention_torch(q, k_cache, v_cache, ctx, scale=0.25)
+    for merge in (True, False):
+        got = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, 0.25, 8, merge)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     counters = kernels.split_counters(q.device, 1)
     assert not counters.any(), "every launch leaves its arrival counters at zero"
 

@@ -84,30 +84,46 @@ def _split_chunk(context_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _merge_splits(part_ptr, out_ptr, live, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One (sequence, head): rescale the first ``live`` partials ``[NUM_SPLITS, HEAD_DIM + 2]`` at
-    ``part_ptr`` to their common max, sum, normalize, store ``HEAD_DIM`` values at ``out_ptr``.
-    The loads bypass L1 (``.cg``): other programs of the same grid may have written them."""
-    offs_s = tl.arange(0, NUM_SPLITS)
+def _merge_splits(part_ptr, out_ptr, live, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  SPLIT_TILE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The ``GROUP`` query heads of one (sequence, K/V head): rescale their first ``live`` partials
+    (``[GROUP, NUM_SPLITS, HEAD_DIM + 2]`` at ``part_ptr``) to a common max, sum, normalize, store
+    ``[GROUP, HEAD_DIM]`` at ``out_ptr``. Every head's partials are loaded before any store (a store
+    between them would order the next loads after it), a tile of splits at a time; the loads bypass
+    L1 (``.cg``): other programs of the same grid may have just written them."""
+    offs_g = tl.arange(0, GROUP_P2)
+    offs_s = tl.arange(0, SPLIT_TILE)
     offs_d = tl.arange(0, HEAD_DIM)
-    mask_s = offs_s < live
-    base = part_ptr + offs_s * (HEAD_DIM + 2)
-    m = tl.load(base + HEAD_DIM, mask=mask_s, other=float("-inf"), cache_modifier=".cg")  # -inf: nothing seen
-    l = tl.load(base + HEAD_DIM + 1, mask=mask_s, other=0.0, cache_modifier=".cg")
-    acc = tl.load(base[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, 0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
-    total = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty))
+    mask_g = offs_g < GROUP
+    head_base = part_ptr + offs_g * (NUM_SPLITS * (HEAD_DIM + 2))
+    m_run = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    l_run = tl.zeros([GROUP_P2], tl.float32)
+    acc_run = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
+    first = 0
+    while first < live:  # one pass while live <= SPLIT_TILE
+        mask = mask_g[:, None] & ((first + offs_s) < live)[None, :]
+        base = head_base[:, None] + (first + offs_s)[None, :] * (HEAD_DIM + 2)
+        m = tl.load(base + HEAD_DIM, mask=mask, other=float("-inf"), cache_modifier=".cg")  # -inf: nothing seen
+        l = tl.load(base + HEAD_DIM + 1, mask=mask, other=0.0, cache_modifier=".cg")
+        acc = tl.load(base[:, :, None] + offs_d[None, None, :], mask=mask[:, :, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_ref[:, None]))
+        alpha = tl.where(m_run == float("-inf"), 0.0, tl.exp2(m_run - m_ref))
+        l_run = l_run * alpha + tl.sum(l * w, 1)
+        acc_run = acc_run * alpha[:, None] + tl.sum(acc * w[:, :, None], 1)
+        m_run = m_new
+        first += SPLIT_TILE
+    out = acc_run / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
+    tl.store(out_ptr + offs_g[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
 
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr, tables_ptr, lens_ptr, scale_log2,
                    table_stride, q_stride, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slot_ptr, cos_stride, eps,
-                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-                   USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr, QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr):
+                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_P2: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr, QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
     ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
@@ -133,51 +149,56 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_g = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g  # the query heads sharing this K/V head
+    # the loads that depend on nothing loaded are issued together: the length, and the new token's
+    # q, k, v, position and slot (the chain to the K/V tiles is then length -> table -> K/V)
     context_len = tl.load(lens_ptr + seq)
+    if FUSED_ROPE:
+        dtype: tl.constexpr = q_ptr.dtype.element_ty
+        offs_h = tl.arange(0, HALF)
+        row = q_ptr + seq.to(tl.int64) * q_stride
+        q_lo = tl.load(row + heads[:, None] * HEAD_DIM + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
+        q_hi = tl.load(row + heads[:, None] * HEAD_DIM + HALF + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
+        k_row = row + (NUM_KV_HEADS * GROUP + kv_head) * HEAD_DIM
+        k_lo, k_hi = tl.load(k_row + offs_h).to(tl.float32), tl.load(k_row + HALF + offs_h).to(tl.float32)
+        v_new = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + offs_d)
+        position = tl.load(pos_ptr + seq)
+        slot = tl.load(slot_ptr + seq)
+        cached_len = context_len - 1  # the new token is not read from the cache
+    else:
+        q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+        cached_len = context_len
     chunk, live = _split_chunk(context_len, NUM_SPLITS, BLOCK_N)
     if split < live:  # the grid is sized for max_model_len: splits past the context have nothing to do
-        offs_g = tl.arange(0, GROUP_PAD)
-        offs_d = tl.arange(0, HEAD_DIM)
-        mask_g = offs_g < GROUP
-        heads = kv_head * GROUP + offs_g  # the query heads sharing this K/V head
+        start = split * chunk
+        split_end = tl.minimum(start + chunk, context_len)
+        end = tl.minimum(split_end, cached_len)
+        # the first K/V tile is requested before the new token's norm and RoPE, which overlap its latency
+        k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
+                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
         if FUSED_ROPE:
-            dtype: tl.constexpr = q_ptr.dtype.element_ty
-            offs_h = tl.arange(0, HALF)
-            row = q_ptr + seq.to(tl.int64) * q_stride
-            q_lo = tl.load(row + heads[:, None] * HEAD_DIM + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
-            q_hi = tl.load(row + heads[:, None] * HEAD_DIM + HALF + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
-            k_row = row + (NUM_KV_HEADS * GROUP + kv_head) * HEAD_DIM
-            k_lo, k_hi = tl.load(k_row + offs_h).to(tl.float32), tl.load(k_row + HALF + offs_h).to(tl.float32)
-            v_new = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + offs_d)
             if QK_NORM:  # order-independent sums: the keys equal rope_store_kv's bit for bit
                 q_inv = head_inv_rms(q_lo, q_hi, eps, HEAD_DIM, 1)
                 q_lo, q_hi = head_rms_norm(q_lo, q_hi, qw_lo[None, :], qw_hi[None, :], q_inv[:, None], dtype)
                 k_inv = head_inv_rms(k_lo, k_hi, eps, HEAD_DIM, 0)
                 k_lo, k_hi = head_rms_norm(k_lo, k_hi, kw_lo, kw_hi, k_inv, dtype)
-            cos_lo, cos_hi, sin_lo, sin_hi = rope_row(cos_ptr, sin_ptr, tl.load(pos_ptr + seq), cos_stride, offs_h, HALF + offs_h,
+            cos_lo, cos_hi, sin_lo, sin_hi = rope_row(cos_ptr, sin_ptr, position, cos_stride, offs_h, HALF + offs_h,
                                                       offs_h < HALF, dtype)
             q_lo, q_hi = rope_halves(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
             k_lo, k_hi = rope_halves(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
             q = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)), (GROUP_PAD, HEAD_DIM)).to(dtype)
             k_new = tl.reshape(tl.permute(tl.join(k_lo, k_hi), (1, 0)), (HEAD_DIM,)).to(dtype)
-            slot = tl.load(slot_ptr + seq)
             if (split == 0) & (slot >= 0):  # slot -1: a padded graph row stores nothing
                 cache_row = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
                 tl.store(k_cache_ptr + cache_row + offs_d, k_new)
                 tl.store(v_cache_ptr + cache_row + offs_d, v_new)
-            cached_len = context_len - 1  # the new token is not read from the cache
-        else:
-            q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_g[:, None], other=0.0)
-            cached_len = context_len
-        start = split * chunk
-        split_end = tl.minimum(start + chunk, context_len)
-        end = tl.minimum(split_end, cached_len)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         while start < end:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
-            k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
-                                              NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -187,6 +208,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
             start += BLOCK_N
+            k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
+                                              NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)  # none past the end
         if FUSED_ROPE:
             if (cached_len >= split * chunk) & (cached_len < split_end):  # this split holds the new token
                 s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
@@ -212,24 +235,26 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                 counter = count_ptr + seq * NUM_KV_HEADS + kv_head
                 if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == live - 1:  # the last split to finish
                     tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-                    for g in tl.static_range(GROUP):
-                        head = kv_head * GROUP + g
-                        _merge_splits(part_ptr + (seq * num_heads + head) * NUM_SPLITS * (HEAD_DIM + 2),
-                                      out_ptr + seq * (num_heads * HEAD_DIM) + head * HEAD_DIM, live, NUM_SPLITS, HEAD_DIM)
+                    first_head = kv_head * GROUP
+                    _merge_splits(part_ptr + (seq * num_heads + first_head) * NUM_SPLITS * (HEAD_DIM + 2),
+                                  out_ptr + (seq * num_heads + first_head) * HEAD_DIM, live, GROUP, GROUP_P2, NUM_SPLITS, SPLIT_TILE,
+                                  HEAD_DIM)
 
 
 @triton.jit
-def _combine_kernel(part_ptr, out_ptr, lens_ptr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
-    """Merges the live splits of one (sequence, head) in a second launch (the MERGE_IN_KERNEL=False path)."""
+def _combine_kernel(part_ptr, out_ptr, lens_ptr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    """Merges the live splits of one (sequence, K/V head) in a second launch (MERGE_IN_KERNEL=False)."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    first_head = tl.program_id(1) * GROUP
+    num_heads: tl.constexpr = NUM_KV_HEADS * GROUP
     _, live = _split_chunk(tl.load(lens_ptr + seq), NUM_SPLITS, BLOCK_N)
-    _merge_splits(part_ptr + (seq * NUM_HEADS + head) * NUM_SPLITS * (HEAD_DIM + 2),
-                  out_ptr + (seq * NUM_HEADS + head) * HEAD_DIM, live, NUM_SPLITS, HEAD_DIM)
+    _merge_splits(part_ptr + (seq * num_heads + first_head) * NUM_SPLITS * (HEAD_DIM + 2),
+                  out_ptr + (seq * num_heads + first_head) * HEAD_DIM, live, GROUP, GROUP_P2, NUM_SPLITS, SPLIT_TILE, HEAD_DIM)
 
 
 def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int = 64) -> int:
@@ -311,6 +336,8 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     if num_splits is None:
         num_splits = decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n)
     merge = (_merge_in_kernel if merge_in_kernel is None else merge_in_kernel) and num_splits > 1
+    group_p2 = triton.next_power_of_2(group)
+    split_tile = max(2, min(num_splits, 32 // group_p2))  # splits merged per pass: ~32 partial rows per tile
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
     partials = (torch.empty(num_seqs, num_heads, num_splits, head_dim + 2, dtype=torch.float32, device=q.device)
                 if num_splits > 1 else out)
@@ -321,15 +348,16 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partials, counters, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0),
         q.stride(0), positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, group_p2), GROUP_P2=group_p2, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLIT_TILE=split_tile, PRECISION=_precision(q),
         USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )
     if num_splits > 1 and not merge:
-        _combine_kernel[(num_seqs, num_heads)](partials, out, context_lens, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-                                               NUM_SPLITS=num_splits, BLOCK_N=block_n, USE_PDL=pdl, launch_pdl=pdl)
+        _combine_kernel[(num_seqs, num_kv_heads)](partials, out, context_lens, NUM_KV_HEADS=num_kv_heads, GROUP=group,
+                                                  GROUP_P2=group_p2, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+                                                  SPLIT_TILE=split_tile, BLOCK_N=block_n, USE_PDL=pdl, launch_pdl=pdl)
     return out
 
 
