@@ -162,14 +162,39 @@ class LLMEngine:
         as ``steps`` single steps would be. A sequence that stops at step i ignores the rest (their K/V
         went to positions past its end, in its own blocks, which it frees)."""
         tokens = self.runner.decode_steps(batch.seqs, steps).tolist()
-        for step_tokens in tokens:
-            live = [(seq, token) for seq, token in zip(batch.seqs, step_tokens) if not seq.is_finished]
-            self.scheduler.advance(Batch([seq for seq, _ in live], [1] * len(live)))
-            for seq, token in live:
-                seq.token_ids.append(token)
-                self._check_stop(seq, token)
+        for j, seq in enumerate(batch.seqs):
+            self._accept_round(seq, [step_tokens[j] for step_tokens in tokens])
         self._launch_ahead()
         return sorted({s.request_id for s in batch.seqs})
+
+    def _accept_round(self, seq: Sequence, tokens: list[int]) -> None:
+        """A multi-step round's tokens for one sequence, up to and including the first that stops it.
+        The GPU idles while the host books a round, so without stop strings (which need the text after
+        every token) the stop is found first and the tokens are booked at once, not step by step."""
+        if seq.params.stop:
+            for token in tokens:
+                if seq.is_finished:
+                    return
+                self.scheduler.advance(Batch([seq], [1]))
+                seq.token_ids.append(token)
+                self._check_stop(seq, token)
+            return
+        take = self._tokens_until_stop(seq, tokens)
+        self.scheduler.advance(Batch([seq], [take]))  # each step computed the K/V of its input token
+        seq.token_ids.extend(tokens[:take])
+        self._check_stop(seq, tokens[take - 1])
+
+    def _tokens_until_stop(self, seq: Sequence, tokens: list[int]) -> int:
+        """How many of ``tokens`` a sequence without stop strings takes: through the first one on which
+        ``_check_stop`` would finish it, else all."""
+        p = seq.params
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+        outputs, length = seq.num_output_tokens, len(seq)
+        for i, token in enumerate(tokens, 1):
+            if ((outputs + i >= p.min_tokens and token in stops) or outputs + i >= p.max_tokens
+                    or length + i >= self.max_model_len):
+                return i
+        return len(tokens)
 
     def _plan_decode_steps(self, seqs: list[Sequence]) -> int:
         """How many greedy steps the decode of ``seqs`` runs back to back (1: an ordinary step), with the
