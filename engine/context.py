@@ -24,6 +24,7 @@ class Context:
     context_lens_list: list[int] | None = None
     adapter_ids: torch.Tensor | None = None  # [num_tokens] adapter slot per token, for batched LoRA
     decode_splits: int | None = None  # context splits of the decode kernel (equal in graph and eager steps)
+    split_counters: torch.Tensor | None = None  # the decode kernel's arrival counters, owned by the runner
 
 
 _CONTEXT: Context | None = None

@@ -66,6 +66,9 @@ class ModelRunner:
         self._graph_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, logits) of the last replay
         self._ahead: tuple | None = None  # (sequences, lengths) of a replay queued by launch_ahead
         self.max_decode_steps = max(config.decode_steps, 1)  # depth of the graphs' token history
+        # the decode attention's split-merge counters (zero between launches): this engine's own, so two
+        # engines on one device never share them; splits > 1 only while batch x kv_heads < 128 programs
+        self.split_counters = (torch.zeros(128, dtype=torch.int32, device=device) if self.backend == "triton" else None)
         if device.type == "cuda" and not config.enforce_eager and self.backend == "triton":
             self._capture_decode_graphs()
 
@@ -195,6 +198,7 @@ class ModelRunner:
             seqlens_q=seqlens_q,
             context_lens_list=context_lens,
             decode_splits=self._decode_splits(len(seqlens_q)) if is_decode else None,
+            split_counters=self.split_counters,
         )
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Context]:
@@ -353,7 +357,7 @@ class ModelRunner:
         for b in reversed(self.graph_buckets):  # largest first: smaller graphs reuse its memory pool
             ctx = Context(slots[:b], tables[:b], lens[:b], torch.arange(b + 1, dtype=torch.int32, device=self.device),
                           1, True, self.backend, adapter_ids=adapter[:b] if self.lora is not None else None,
-                          decode_splits=self._decode_splits(b))
+                          decode_splits=self._decode_splits(b), split_counters=self.split_counters)
             set_context(ctx)
 
             def step():

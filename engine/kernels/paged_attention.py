@@ -269,21 +269,24 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: i
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                     merge_in_kernel: bool | None = None) -> torch.Tensor:
+                     merge_in_kernel: bool | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """q: [num_seqs, heads, head_dim], one new token per sequence -> [num_seqs, heads, head_dim].
 
     ``num_splits`` is fixed per call shape (the model runner derives it from the batch size and
     ``max_model_len``), so a CUDA graph captures one grid that serves every context length.
-    ``merge_in_kernel``: the last split merges (default: ``set_merge_in_kernel``'s process-wide choice)."""
+    ``merge_in_kernel``: the last split merges (default: ``set_merge_in_kernel``'s process-wide choice),
+    counting arrivals in ``counters`` (int32, zeros, >= sequences x K/V heads; default: a per-device
+    buffer of this module — an engine passes its own, so engines sharing a device never share them)."""
     q = q.contiguous()
-    return _decode(q, None, k_cache, v_cache, block_tables, context_lens, scale, num_splits, q.shape[1], merge_in_kernel)
+    return _decode(q, None, k_cache, v_cache, block_tables, context_lens, scale, num_splits, q.shape[1], merge_in_kernel,
+                   counters)
 
 
 def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                           context_lens: torch.Tensor, scale: float, num_heads: int, num_splits: int | None = None,
-                          merge_in_kernel: bool | None = None) -> torch.Tensor:
+                          merge_in_kernel: bool | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention straight from the qkv projection's output ``[num_seqs, (heads + 2 * kv_heads) * head_dim]``
     (contiguous rows): ``rope_store_kv`` (q/k norm, RoPE, the new K/V into the cache at ``slot_mapping``)
     and ``decode_attention`` in one kernel -> ``[num_seqs, heads, head_dim]``."""
@@ -297,7 +300,8 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     if q_norm_weight is not None and not (q_norm_weight.dtype == k_norm_weight.dtype == qkv.dtype):
         raise ValueError(f"rope_decode_attention: q/k norm weights ({q_norm_weight.dtype}) must be in the activation dtype {qkv.dtype}")
     rope = (positions, cos, sin, q_norm_weight, k_norm_weight, slot_mapping, cos.stride(0), eps)
-    return _decode(qkv, rope, k_cache, v_cache, block_tables, context_lens, scale, num_splits, num_heads, merge_in_kernel)
+    return _decode(qkv, rope, k_cache, v_cache, block_tables, context_lens, scale, num_splits, num_heads, merge_in_kernel,
+                   counters)
 
 
 _merge_in_kernel = True
@@ -326,7 +330,7 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             context_lens: torch.Tensor, scale: float, num_splits: int | None, num_heads: int,
-            merge_in_kernel: bool | None) -> torch.Tensor:
+            merge_in_kernel: bool | None, counters: torch.Tensor | None) -> torch.Tensor:
     """Launch the decode kernel (and, without the in-kernel merge, its split combine): ``q`` rotated
     queries, or with ``rope`` the qkv rows."""
     num_seqs = q.shape[0]
@@ -341,7 +345,13 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
     partials = (torch.empty(num_seqs, num_heads, num_splits, head_dim + 2, dtype=torch.float32, device=q.device)
                 if num_splits > 1 else out)
-    counters = split_counters(q.device, num_seqs * num_kv_heads) if merge else context_lens
+    if not merge:
+        counters = context_lens  # unused
+    elif counters is None:
+        counters = split_counters(q.device, num_seqs * num_kv_heads)
+    elif counters.numel() < num_seqs * num_kv_heads or counters.dtype != torch.int32:
+        raise ValueError(f"decode attention: counters must be int32 with >= {num_seqs * num_kv_heads} entries "
+                         f"(got {counters.dtype}, {counters.numel()})")
     pdl = use_pdl(q.device)
     positions, cos, sin, q_norm, k_norm, slots, cos_stride, eps = rope or (out, out, out, None, None, out, 0, 0.0)
     qk_norm = q_norm is not None
