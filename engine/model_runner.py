@@ -51,6 +51,9 @@ class ModelRunner:
 
             set_pdl(config.pdl)  # process-wide, read at every launch: set before tuning and capture
             compile_fused_ops(self.model)  # enforce_eager too: it differs from the graph path by the graphs alone
+        # the decode attention's split-merge counters (zero between launches): this engine's own, so two
+        # engines on one device never share them; splits > 1 only while batch x kv_heads < 128 programs
+        self.split_counters = (torch.zeros(128, dtype=torch.int32, device=device) if self.backend == "triton" else None)
         self.gemv_tuning: list[dict] = []  # one row per (projection group, batch bucket): the timed choice
         self._gemv_plans: dict = {}
         if device.type == "cuda" and config.gemv:
@@ -66,9 +69,6 @@ class ModelRunner:
         self._graph_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, logits) of the last replay
         self._ahead: tuple | None = None  # (sequences, lengths) of a replay queued by launch_ahead
         self.max_decode_steps = max(config.decode_steps, 1)  # depth of the graphs' token history
-        # the decode attention's split-merge counters (zero between launches): this engine's own, so two
-        # engines on one device never share them; splits > 1 only while batch x kv_heads < 128 programs
-        self.split_counters = (torch.zeros(128, dtype=torch.int32, device=device) if self.backend == "triton" else None)
         if device.type == "cuda" and not config.enforce_eager and self.backend == "triton":
             self._capture_decode_graphs()
 
