@@ -60,17 +60,18 @@ def _prologue_config(linear: nn.Module, x: torch.Tensor):
 
 
 def norm_linear(norm: "RMSNorm", linear: Linear, x: torch.Tensor, residual: torch.Tensor | None,
-                stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                stats: torch.Tensor | None = None, late_trigger: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(linear(norm(x + residual)), x + residual)`` (no residual: ``(linear(norm(x)), x)``). At
     decode batch sizes on CUDA one GEMV kernel does it all: the add and the norm run in its prologue.
     ``stats`` (from ``linear_residual``): x already holds the residual, and the GEMV that added it
-    left its sums of squares, so the norm needs no statistics kernel of its own."""
+    left its sums of squares, so the norm needs no statistics kernel of its own. ``late_trigger``: see
+    ``engine.kernels.gemv.gemv`` (the other paths launch nothing early: cuBLAS and the compiled norm use no PDL)."""
     config = _prologue_config(linear, x)
     if config is not None:
         from engine.kernels.gemv import gemv
 
         return gemv(x, linear.weight, linear.bias, config, linear.gemv.workspace, "add_rms_norm", residual,
-                    norm.weight, norm.eps, stats=stats)
+                    norm.weight, norm.eps, stats=stats, late_trigger=late_trigger)
     h, residual = (norm(x), x) if residual is None else norm(x, residual)
     return linear(h), residual
 

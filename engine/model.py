@@ -108,7 +108,9 @@ class Attention(nn.Module):
                 positions: torch.Tensor, rope: RotaryEmbedding) -> Stream:
         """The residual stream after attention (see ``Stream``); ``norm`` is the layer's input norm,
         applied to ``h + residual`` (fused into the qkv projection where it can be)."""
-        qkv, residual = norm_linear(norm, self.qkv_proj, h, residual, stats)
+        # late trigger: the decode attention starts only after every earlier kernel has completed, so it
+        # reads the step's lengths, tables and cached K/V before waiting for qkv (engine/kernels/__init__.py)
+        qkv, residual = norm_linear(norm, self.qkv_proj, h, residual, stats, late_trigger=True)
         out = self.attn(qkv, positions, rope, self.q_norm, self.k_norm)  # q/k norm, RoPE, KV store, attention
         return linear_residual(self.o_proj, out.flatten(1), residual)
 

@@ -181,6 +181,11 @@ def check_rope_decode() -> None:
             assert torch.equal(got_v, ref_v), case
             assert torch.equal(rope_decode_attention(*args, ctx.context_lens, 0.25, heads, splits), first), case
             assert torch.equal(rope_decode_attention(*args, ctx.context_lens, 0.25, heads, splits, False), first), case
+            # the engine's call: step metadata and cache read before the previous kernel's output (same values)
+            early_k, early_v = k_cache.clone(), v_cache.clone()
+            early = rope_decode_attention(qkv, positions, rope.cos, rope.sin, *norm_w, 1e-6, early_k, early_v, slots,
+                                          ctx.block_tables, ctx.context_lens, 0.25, heads, splits, early_kv=True)
+            assert torch.equal(early, first) and torch.equal(early_k, got_k) and torch.equal(early_v, got_v), case
             padded_lens, padded_slots = ctx.context_lens.clone(), slots.clone()
             padded_lens[0], padded_slots[0] = 0, -1
             fresh_k, fresh_v = k_cache.clone(), v_cache.clone()

@@ -114,8 +114,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
                  PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STATS_IN: tl.constexpr, STATS_PAD: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 K_TILES: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:
+                 K_TILES: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr):
+    if USE_PDL and not LATE_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -132,6 +132,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         w0 = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + k0[None, :], mask=mask_n[:, None] & (k0 < K)[None, :],
                      other=0.0)
         tl.extra.cuda.gdc_wait()
+        if LATE_TRIGGER:  # the next kernel starts only once the previous one has completed (see gemv())
+            tl.extra.cuda.gdc_launch_dependents()
     inv_rms = tl.zeros([BLOCK_M], tl.float32)
     if PROLOGUE == 1:
         if STATS_IN:  # x is already h: 1/rms from the producing GEMV's per-tile sums of squares, in a fixed order
@@ -227,15 +229,20 @@ class Workspace:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig, workspace: Workspace,
          prologue: str = "none", residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-         eps: float = 0.0, stats: torch.Tensor | None = None,
-         add_residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+         eps: float = 0.0, stats: torch.Tensor | None = None, add_residual: torch.Tensor | None = None,
+         late_trigger: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``prologue(x) @ weight.T + bias`` for x [M <= 8, K] (``silu_mul``: [M, 2K]); ``add_rms_norm``
     also returns the new residual stream ``x + residual`` (``x`` itself when residual is None).
 
     The residual add can move to the producing GEMV instead (one kernel per norm fewer): with
     ``add_residual`` [M, N] the result is ``(h, stats)``, ``h = y + add_residual`` and ``stats`` each
     row's partial sums of h^2 per output tile; an ``add_rms_norm`` GEMV given ``stats`` (and no
-    residual) takes x as that h and derives each row's 1/rms from them, without the stats kernel."""
+    residual) takes x as that h and derives each row's 1/rms from them, without the stats kernel.
+
+    ``late_trigger`` (PDL): let the next kernel launch only after this one's ``gdc_wait``, i.e. once
+    every kernel before this one has completed — so the next kernel may read, before its own
+    ``gdc_wait``, anything those kernels wrote (the decode attention after the qkv projection reads the
+    step's lengths, block tables and cached K/V early)."""
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
     _check(x, weight, config, workspace, prologue, k)
     y = torch.empty(m, n, dtype=weight.dtype, device=x.device)
@@ -271,7 +278,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
         PROLOGUE=_PROLOGUE_ID[prologue], HAS_BIAS=bias is not None, STATS_IN=stats is not None,
         STATS_PAD=triton.next_power_of_2(stats_in_tiles), ADD_RESIDUAL=add_residual is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        K_TILES=k_tiles, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", USE_PDL=pdl,
+        K_TILES=k_tiles, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", USE_PDL=pdl, LATE_TRIGGER=late_trigger,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if add_residual is not None:

@@ -61,17 +61,34 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 @triton.jit
 def _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
-               NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+               NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               CACHE: tl.constexpr = ""):
     """K and V [BLOCK_N, HEAD_DIM] of one sequence's positions ``start ..`` (rows at or past ``end``
-    are zeros) for one K/V head, gathered through the block table; also the positions and their mask."""
+    are zeros) for one K/V head, gathered through the block table; also the positions and their mask.
+    ``CACHE`` ".cg": read through L2 only (data another kernel wrote, read before ``gdc_wait``)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < end
-    block = tl.load(tables_ptr + seq * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-    slot = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
+    block = tl.load(tables_ptr + seq * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0, cache_modifier=CACHE)
+    slot = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
     kv_offs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+    k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0, cache_modifier=CACHE)
+    v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0, cache_modifier=CACHE)
     return k, v, offs_n, mask_n
+
+
+@triton.jit
+def _attend_tile(q, k, v, visible, m, l, acc, scale_log2, PRECISION: tl.constexpr):
+    """One K/V tile into the online-softmax state (running max ``m``, sum ``l``, output ``acc``) of
+    the query rows ``q``; ``visible`` masks the scores (a row that sees nothing yet keeps m = -inf)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m - m_ref)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
 
 
 @triton.jit
@@ -123,7 +140,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                    table_stride, q_stride, pos_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slot_ptr, cos_stride, eps,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_P2: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr, QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr):
+                   SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr,
+                   QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr, EARLY_KV: tl.constexpr, CACHE: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
     ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
@@ -136,7 +154,12 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     would have done first (one launch per layer fewer): (q/k norm and) RoPE of its query heads and of
     the new token's key, and — split 0 — the new key and value into the cache. The new token's
     position (the context's last) is read from those registers, not from the cache, since another
-    program may not have stored it yet."""
+    program may not have stored it yet.
+
+    EARLY_KV (PDL): the caller guarantees every kernel before the previous one has completed when this
+    one starts (the qkv GEMV triggers late: ``gemv(late_trigger=True)``), so the step's lengths,
+    positions, slots, block tables and cached K/V are read before ``gdc_wait`` (through L2): only the
+    new token's qkv row waits for the previous kernel, and the first K/V tile's HBM latency overlaps it."""
     HALF: tl.constexpr = HEAD_DIM // 2
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -144,49 +167,51 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
         offs_h = tl.arange(0, HALF)
         qw_lo, qw_hi = tl.load(q_norm_ptr + offs_h).to(tl.float32), tl.load(q_norm_ptr + HALF + offs_h).to(tl.float32)
         kw_lo, kw_hi = tl.load(k_norm_ptr + offs_h).to(tl.float32), tl.load(k_norm_ptr + HALF + offs_h).to(tl.float32)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # q, the cache, the tables and lengths all belong to the step
+    if USE_PDL and not EARLY_KV:
+        tl.extra.cuda.gdc_wait()  # the qkv rows, the cache, the tables and lengths all belong to the step
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_h = tl.arange(0, HALF)
     mask_g = offs_g < GROUP
     heads = kv_head * GROUP + offs_g  # the query heads sharing this K/V head
-    # the loads that depend on nothing loaded are issued together: the length, and the new token's
-    # q, k, v, position and slot (the chain to the K/V tiles is then length -> table -> K/V)
-    context_len = tl.load(lens_ptr + seq)
+    # the step's metadata, then the split's first K/V tile (length -> table -> K/V: the only chain of
+    # dependent loads; splits past the context load nothing)
+    context_len = tl.load(lens_ptr + seq, cache_modifier=CACHE)
+    cached_len = context_len
+    if FUSED_ROPE:
+        cached_len = context_len - 1  # the new token is not read from the cache
+    chunk, live = _split_chunk(context_len, NUM_SPLITS, BLOCK_N)
+    start = split * chunk
+    split_end = tl.minimum(start + chunk, context_len)
+    end = tl.minimum(split_end, cached_len)
+    k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
+                                      NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CACHE)
     if FUSED_ROPE:
         dtype: tl.constexpr = q_ptr.dtype.element_ty
-        offs_h = tl.arange(0, HALF)
+        slot = tl.load(slot_ptr + seq, cache_modifier=CACHE)
+        cos_lo, cos_hi, sin_lo, sin_hi = rope_row(cos_ptr, sin_ptr, tl.load(pos_ptr + seq, cache_modifier=CACHE), cos_stride,
+                                                  offs_h, HALF + offs_h, offs_h < HALF, dtype)
+    if USE_PDL and EARLY_KV:
+        tl.extra.cuda.gdc_wait()  # the qkv rows: the previous kernel's output
+    if FUSED_ROPE:
         row = q_ptr + seq.to(tl.int64) * q_stride
         q_lo = tl.load(row + heads[:, None] * HEAD_DIM + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
         q_hi = tl.load(row + heads[:, None] * HEAD_DIM + HALF + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
         k_row = row + (NUM_KV_HEADS * GROUP + kv_head) * HEAD_DIM
         k_lo, k_hi = tl.load(k_row + offs_h).to(tl.float32), tl.load(k_row + HALF + offs_h).to(tl.float32)
         v_new = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + offs_d)
-        position = tl.load(pos_ptr + seq)
-        slot = tl.load(slot_ptr + seq)
-        cached_len = context_len - 1  # the new token is not read from the cache
     else:
         q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_g[:, None], other=0.0)
-        cached_len = context_len
-    chunk, live = _split_chunk(context_len, NUM_SPLITS, BLOCK_N)
     if split < live:  # the grid is sized for max_model_len: splits past the context have nothing to do
-        start = split * chunk
-        split_end = tl.minimum(start + chunk, context_len)
-        end = tl.minimum(split_end, cached_len)
-        # the first K/V tile is requested before the new token's norm and RoPE, which overlap its latency
-        k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
-                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
         if FUSED_ROPE:
             if QK_NORM:  # order-independent sums: the keys equal rope_store_kv's bit for bit
                 q_inv = head_inv_rms(q_lo, q_hi, eps, HEAD_DIM, 1)
                 q_lo, q_hi = head_rms_norm(q_lo, q_hi, qw_lo[None, :], qw_hi[None, :], q_inv[:, None], dtype)
                 k_inv = head_inv_rms(k_lo, k_hi, eps, HEAD_DIM, 0)
                 k_lo, k_hi = head_rms_norm(k_lo, k_hi, kw_lo, kw_hi, k_inv, dtype)
-            cos_lo, cos_hi, sin_lo, sin_hi = rope_row(cos_ptr, sin_ptr, position, cos_stride, offs_h, HALF + offs_h,
-                                                      offs_h < HALF, dtype)
             q_lo, q_hi = rope_halves(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
             k_lo, k_hi = rope_halves(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
             q = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)), (GROUP_PAD, HEAD_DIM)).to(dtype)
@@ -199,17 +224,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         while start < end:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m - m_new)
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+            m, l, acc = _attend_tile(q, k, v, mask_n[None, :], m, l, acc, scale_log2, PRECISION)
             start += BLOCK_N
             k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
-                                              NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)  # none past the end
+                                              NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CACHE)  # none past the end
         if FUSED_ROPE:
             if (cached_len >= split * chunk) & (cached_len < split_end):  # this split holds the new token
                 s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
@@ -269,24 +287,28 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: i
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                     merge_in_kernel: bool | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+                     merge_in_kernel: bool | None = None, counters: torch.Tensor | None = None,
+                     early_kv: bool = False) -> torch.Tensor:
     """q: [num_seqs, heads, head_dim], one new token per sequence -> [num_seqs, heads, head_dim].
 
     ``num_splits`` is fixed per call shape (the model runner derives it from the batch size and
     ``max_model_len``), so a CUDA graph captures one grid that serves every context length.
     ``merge_in_kernel``: the last split merges (default: ``set_merge_in_kernel``'s process-wide choice),
     counting arrivals in ``counters`` (int32, zeros, >= sequences x K/V heads; default: a per-device
-    buffer of this module — an engine passes its own, so engines sharing a device never share them)."""
+    buffer of this module — an engine passes its own, so engines sharing a device never share them).
+    ``early_kv``: read the lengths, tables and cache before waiting for the previous kernel — only when
+    the kernel before this one triggers its dependents late (``gemv(late_trigger=True)``) or uses no PDL."""
     q = q.contiguous()
     return _decode(q, None, k_cache, v_cache, block_tables, context_lens, scale, num_splits, q.shape[1], merge_in_kernel,
-                   counters)
+                   counters, early_kv)
 
 
 def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                           context_lens: torch.Tensor, scale: float, num_heads: int, num_splits: int | None = None,
-                          merge_in_kernel: bool | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+                          merge_in_kernel: bool | None = None, counters: torch.Tensor | None = None,
+                          early_kv: bool = False) -> torch.Tensor:
     """Decode attention straight from the qkv projection's output ``[num_seqs, (heads + 2 * kv_heads) * head_dim]``
     (contiguous rows): ``rope_store_kv`` (q/k norm, RoPE, the new K/V into the cache at ``slot_mapping``)
     and ``decode_attention`` in one kernel -> ``[num_seqs, heads, head_dim]``."""
@@ -301,7 +323,7 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
         raise ValueError(f"rope_decode_attention: q/k norm weights ({q_norm_weight.dtype}) must be in the activation dtype {qkv.dtype}")
     rope = (positions, cos, sin, q_norm_weight, k_norm_weight, slot_mapping, cos.stride(0), eps)
     return _decode(qkv, rope, k_cache, v_cache, block_tables, context_lens, scale, num_splits, num_heads, merge_in_kernel,
-                   counters)
+                   counters, early_kv)
 
 
 _merge_in_kernel = True
@@ -330,7 +352,7 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             context_lens: torch.Tensor, scale: float, num_splits: int | None, num_heads: int,
-            merge_in_kernel: bool | None, counters: torch.Tensor | None) -> torch.Tensor:
+            merge_in_kernel: bool | None, counters: torch.Tensor | None, early_kv: bool) -> torch.Tensor:
     """Launch the decode kernel (and, without the in-kernel merge, its split combine): ``q`` rotated
     queries, or with ``rope`` the qkv rows."""
     num_seqs = q.shape[0]
@@ -360,7 +382,8 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
         q.stride(0), positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, group_p2), GROUP_P2=group_p2, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLIT_TILE=split_tile, PRECISION=_precision(q),
-        USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge,
+        USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge, EARLY_KV=early_kv,
+        CACHE=".cg" if early_kv else "",
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )
@@ -399,16 +422,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_p
     while start < end:
         k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
                                           NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         visible = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = _attend_tile(q, k, v, visible, m, l, acc, scale_log2, PRECISION)
         start += BLOCK_N
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     tl.store(out_ptr + q_rows[:, None] * q_stride + head * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
