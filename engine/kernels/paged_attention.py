@@ -62,10 +62,11 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 @triton.jit
 def _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-               CACHE: tl.constexpr = ""):
+               CACHE: tl.constexpr):
     """K and V [BLOCK_N, HEAD_DIM] of one sequence's positions ``start ..`` (rows at or past ``end``
     are zeros) for one K/V head, gathered through the block table; also the positions and their mask.
-    ``CACHE`` ".cg": read through L2 only (data another kernel wrote, read before ``gdc_wait``)."""
+    ``CACHE``: the loads' cache modifier ("" default; ".cg" through L2 only, for data another kernel
+    wrote, read before ``gdc_wait``)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < end
     block = tl.load(tables_ptr + seq * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0, cache_modifier=CACHE)
@@ -398,7 +399,8 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_ptr, cu_q_ptr, scale_log2,
                     table_stride, q_stride,
                     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                    CACHE: tl.constexpr):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -421,7 +423,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_p
     start = 0
     while start < end:
         k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
-                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
+                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CACHE)
         visible = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])
         m, l, acc = _attend_tile(q, k, v, visible, m, l, acc, scale_log2, PRECISION)
         start += BLOCK_N
@@ -442,6 +444,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q, scale * _LOG2E, block_tables.stride(0), q.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64, PRECISION=_precision(q),
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64, PRECISION=_precision(q), CACHE="",
     )
     return out
