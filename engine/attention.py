@@ -74,7 +74,7 @@ class PagedAttention(nn.Module):
                 return kernels.rope_decode_attention(qkv, positions, rope.cos, rope.sin, *norm, self.k_cache, self.v_cache,
                                                      ctx.slot_mapping, ctx.block_tables, ctx.context_lens, self.scale,
                                                      self.num_heads, ctx.decode_splits, counters=ctx.split_counters,
-                                                     early_kv=True)  # the qkv producer triggers late (model.py)
+                                                     early_kv=True)  # layer 0's qkv GEMV triggers late (model.py)
             # one kernel for norm + RoPE of q and k, and k, v into the cache; then attention
             q = rope_store_kv(qkv, positions, rope.cos, rope.sin, *norm, self.k_cache, self.v_cache, ctx.slot_mapping,
                               self.num_heads, self.num_kv_heads)

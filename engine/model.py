@@ -95,8 +95,14 @@ class ModelArgs:
 
 
 class Attention(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, first: bool = False):
         super().__init__()
+        # The first layer's qkv GEMV lets the next kernel launch only after its own gdc_wait: once it
+        # runs, every kernel before it — the previous step's, the input advance — has completed, so
+        # every decode attention of the step may read the step's lengths, tables and cached K/V before
+        # waiting for its qkv rows (EARLY_KV, engine/kernels/__init__.py). Once per step is enough;
+        # per layer, the late trigger would delay each attention's launch behind a multi-wave GEMV.
+        self.late_trigger = first
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.qkv_proj = Linear(a.hidden_size, q_size + 2 * kv_size, a.qkv_bias, [q_size, kv_size, kv_size])
         self.o_proj = Linear(q_size, a.hidden_size, a.o_bias)
@@ -108,9 +114,7 @@ class Attention(nn.Module):
                 positions: torch.Tensor, rope: RotaryEmbedding) -> Stream:
         """The residual stream after attention (see ``Stream``); ``norm`` is the layer's input norm,
         applied to ``h + residual`` (fused into the qkv projection where it can be)."""
-        # late trigger: the decode attention starts only after every earlier kernel has completed, so it
-        # reads the step's lengths, tables and cached K/V before waiting for qkv (engine/kernels/__init__.py)
-        qkv, residual = norm_linear(norm, self.qkv_proj, h, residual, stats, late_trigger=True)
+        qkv, residual = norm_linear(norm, self.qkv_proj, h, residual, stats, late_trigger=self.late_trigger)
         out = self.attn(qkv, positions, rope, self.q_norm, self.k_norm)  # q/k norm, RoPE, KV store, attention
         return linear_residual(self.o_proj, out.flatten(1), residual)
 
@@ -129,10 +133,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, first: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.self_attn = Attention(a)
+        self.self_attn = Attention(a, first)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
@@ -150,7 +154,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(a, first=i == 0) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling)
 

@@ -10,10 +10,12 @@ microseconds each, where that tail is a large share). Every kernel taking ``USE_
 - before ``gdc_wait()`` only reads of data no kernel of the step writes (weights, norm weights, RoPE
   tables, biases) and no writes at all; every program calls ``gdc_wait()`` unconditionally, so a
   grid never completes before its predecessor has, and the chain stays ordered transitively.
-- one exception, by construction: the qkv GEMV triggers late (``gemv(late_trigger=True)``: after its
-  own ``gdc_wait``), so when the decode attention after it starts, every kernel before the GEMV has
-  completed; the attention (``EARLY_KV``) then reads the step's lengths, block tables and cached K/V
-  before its ``gdc_wait`` (through L2) and waits only for the qkv rows.
+- one exception, by construction: the first layer's qkv GEMV triggers late (``gemv(late_trigger=True)``:
+  after its own ``gdc_wait``). A kernel starts only once its predecessor has triggered, so when any
+  later kernel of the step starts, that GEMV has passed its wait and every kernel before it has
+  completed (the previous steps, the input advance; kernels without PDL order themselves). The decode
+  attention (``EARLY_KV``) therefore reads the step's lengths, block tables and cached K/V before its
+  ``gdc_wait`` (through L2) and waits only for its qkv rows.
 
 The switch is process-wide and read at launch time by every wrapper: a CUDA graph keeps the launch
 attributes it was captured with, so the model runner recaptures its graphs after ``set_pdl``.

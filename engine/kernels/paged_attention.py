@@ -157,9 +157,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     position (the context's last) is read from those registers, not from the cache, since another
     program may not have stored it yet.
 
-    EARLY_KV (PDL): the caller guarantees every kernel before the previous one has completed when this
-    one starts (the qkv GEMV triggers late: ``gemv(late_trigger=True)``), so the step's lengths,
-    positions, slots, block tables and cached K/V are read before ``gdc_wait`` (through L2): only the
+    EARLY_KV (PDL): the caller guarantees that the step's metadata and cache writers have completed
+    when this kernel starts (an earlier kernel of the step triggered its dependents only after its own
+    ``gdc_wait``: layer 0's qkv GEMV, ``gemv(late_trigger=True)``), so the step's lengths, positions,
+    slots, block tables and cached K/V are read before ``gdc_wait`` (through L2): only the
     new token's qkv row waits for the previous kernel, and the first K/V tile's HBM latency overlaps it."""
     HALF: tl.constexpr = HEAD_DIM // 2
     if USE_PDL:
@@ -298,7 +299,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     counting arrivals in ``counters`` (int32, zeros, >= sequences x K/V heads; default: a per-device
     buffer of this module — an engine passes its own, so engines sharing a device never share them).
     ``early_kv``: read the lengths, tables and cache before waiting for the previous kernel — only when
-    the kernel before this one triggers its dependents late (``gemv(late_trigger=True)``) or uses no PDL."""
+    a kernel after their writers and before this one triggers its dependents late
+    (``gemv(late_trigger=True)``) or uses no PDL (engine/kernels/__init__.py)."""
     q = q.contiguous()
     return _decode(q, None, k_cache, v_cache, block_tables, context_lens, scale, num_splits, q.shape[1], merge_in_kernel,
                    counters, early_kv)
