@@ -188,11 +188,9 @@ class LLMEngine:
         """How many of ``tokens`` a sequence without stop strings takes: through the first one on which
         ``_check_stop`` would finish it, else all."""
         p = seq.params
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
         outputs, length = seq.num_output_tokens, len(seq)
         for i, token in enumerate(tokens, 1):
-            if ((outputs + i >= p.min_tokens and token in stops) or outputs + i >= p.max_tokens
-                    or length + i >= self.max_model_len):
+            if self._stop_token(p, outputs + i, token) or self._at_length(p, outputs + i, length + i):
                 return i
         return len(tokens)
 
@@ -276,21 +274,27 @@ class LLMEngine:
         tokens = self.runner.greedy_tokens(hidden, rows)
         return None if tokens is None else tokens.tolist()
 
+    def _stop_token(self, p, num_outputs: int, token: int) -> bool:
+        """``token``, the ``num_outputs``-th output, ends the sequence: a stop token or EOS, once
+        ``min_tokens`` are out. One rule for ``_check_stop`` and for multi-step rounds."""
+        return num_outputs >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids))
+
+    def _at_length(self, p, num_outputs: int, length: int) -> bool:
+        """The sequence has its ``max_tokens`` outputs or fills ``max_model_len``."""
+        return num_outputs >= p.max_tokens or length >= self.max_model_len
+
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
-            if token in p.stop_token_ids:
-                return self.scheduler.finish(seq, "stop", token)
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return self.scheduler.finish(seq, "stop")
-            if p.stop:
-                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
-                hits = [(text.find(s), s) for s in p.stop if s in text]
-                if hits:
-                    at, stop = min(hits)
-                    seq.text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
-                    return self.scheduler.finish(seq, "stop", stop)
-        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+        if self._stop_token(p, seq.num_output_tokens, token):  # stop_reason: the stop token's id, None for EOS
+            return self.scheduler.finish(seq, "stop", token if token in p.stop_token_ids else None)
+        if p.stop and seq.num_output_tokens >= p.min_tokens:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            hits = [(text.find(s), s) for s in p.stop if s in text]
+            if hits:
+                at, stop = min(hits)
+                seq.text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                return self.scheduler.finish(seq, "stop", stop)
+        if self._at_length(p, seq.num_output_tokens, len(seq)):
             self.scheduler.finish(seq, "length")
 
     # ---------------------------------------------------------------- outputs
