@@ -34,6 +34,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import SHAPES, bench_parser, hf_config, print_table, save_results  # noqa: E402
 
 
+def scattered_tables(ctx_lens: list[int], num_blocks: int, block_size: int, width: int, g, device: str):
+    """int32 block tables [sequences, width] for contexts ``ctx_lens``: blocks in a random order (no
+    two sequences share one, none contiguous by design), rows zero-padded."""
+    import torch
+
+    perm, tables = torch.randperm(num_blocks, generator=g).tolist(), []
+    for n in ctx_lens:
+        need = -(-n // block_size)
+        tables.append(perm[:need] + [0] * (width - need))
+        perm = perm[need:]
+    return torch.tensor(tables, dtype=torch.int32, device=device)
+
+
 def kernel_checks(device: str) -> list[dict]:
     import torch
 
@@ -49,15 +62,9 @@ def kernel_checks(device: str) -> list[dict]:
         v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(device, dtype)
         for case, q_lens, ctx_lens in (("decode", [1] * 6, [1, 17, 100, 513, 1000, 2047]),
                                        ("prefill", [300, 37, 1, 128, 5], [300, 37 + 480, 90, 128, 21])):
-            perm = torch.randperm(num_blocks, generator=g).tolist()
-            width = max(-(-n // block_size) for n in ctx_lens)
-            tables = []
-            for n in ctx_lens:
-                need = -(-n // block_size)
-                tables.append(perm[:need] + [0] * (width - need))
-                perm = perm[need:]
+            tables = scattered_tables(ctx_lens, num_blocks, block_size, max(-(-n // block_size) for n in ctx_lens), g, device)
             q = torch.randn(sum(q_lens), heads, head_dim, generator=g).to(device, dtype)
-            ctx = Context(torch.empty(0), torch.tensor(tables, dtype=torch.int32, device=device),
+            ctx = Context(torch.empty(0), tables,
                           torch.tensor(ctx_lens, dtype=torch.int32, device=device),
                           torch.tensor([0] + q_lens, device=device).cumsum(0).int(), max(q_lens), case == "decode",
                           seqlens_q=q_lens, context_lens_list=ctx_lens)
@@ -96,12 +103,7 @@ def merge_checks(device: str, repeats: int = 200) -> list[dict]:
                         for _ in range(2))
     rows = []
     for ctx_lens in ([256], [1, 64, 65, 1000], [2047, 3]):
-        perm, tables = torch.randperm(num_blocks, generator=g).tolist(), []
-        for n in ctx_lens:
-            need = -(-n // block_size)
-            tables.append(perm[:need] + [0] * (128 - need))
-            perm = perm[need:]
-        tables = torch.tensor(tables, dtype=torch.int32, device=device)
+        tables = scattered_tables(ctx_lens, num_blocks, block_size, 128, g, device)
         lens = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
         q = torch.randn(len(ctx_lens), heads, head_dim, generator=g).to(device, torch.bfloat16)
         splits = kernels.decode_splits(len(ctx_lens), kv_heads, 128 * block_size)
