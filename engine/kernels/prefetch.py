@@ -93,7 +93,9 @@ def link_prefetch(weights: list[torch.Tensor], ahead: int, max_bytes: int = 64 <
         return [None] * len(weights)
     out = []
     for i in range(len(weights)):
-        target = weights[(i + ahead) % len(weights)]
+        # detached: a plain tensor on the same storage (a Parameter assigned to a module would register
+        # as one more parameter of it)
+        target = weights[(i + ahead) % len(weights)].detach()
         limit = max(max_bytes // target.element_size(), 1)
         out.append(target.reshape(-1)[:limit] if target.numel() > limit else target)
     return out
