@@ -116,7 +116,7 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 # bs1 settings measured side by side in one engine: (name, changes from the engine defaults); GPU-only
 # switches (gemv, pdl, merge_in_kernel, prefetch_ahead) go through ModelRunner.set_kernels, decode_steps
 # through the engine config. (Session 7 also ran "8 steps" and "combine kernel": BENCHMARKS.md.)
-VARIANTS = (("default", {}), ("prefetch 1 ahead", {"prefetch_ahead": 1}), ("prefetch 2 ahead", {"prefetch_ahead": 2}),
+VARIANTS = (("default", {}), ("no prefetch", {"prefetch_ahead": 0}), ("prefetch 2 ahead", {"prefetch_ahead": 2}),
             ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}))
 KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel", "prefetch_ahead")
 

@@ -20,8 +20,8 @@ class EngineConfig:
     gemv: bool = True  # GPU: Triton GEMV for projections at <= 8 rows (tuned against cuBLAS at start-up)
     pdl: bool = True  # GPU (Hopper+): programmatic dependent launch of the decode-path Triton kernels (engine/kernels)
     # GPU (Hopper+): each decode-path GEMV asks L2 for the weights of the projection this many places later
-    # in the step (engine/kernels/prefetch.py); 0: off. Off by default: slower at batch 1 so far (BENCHMARKS.md)
-    prefetch_ahead: int = 0
+    # in the step, so HBM keeps streaming across kernel boundaries (engine/kernels/prefetch.py); 0: off
+    prefetch_ahead: int = 1
     launch_ahead: bool = True  # GPU graphs: queue the next decode step before step() returns (hides host time)
     # greedy decode steps run back to back on the device per engine step, each feeding its argmax to the
     # next, tokens read once at the end (vLLM's multi-step scheduling): the host's share of a step is

@@ -77,7 +77,7 @@ class ModelRunner:
     def _plan_gemv(self) -> None:
         from engine.kernels.gemv_tuning import plan
 
-        self.gemv_tuning = plan(self.model.projections(), self.device)
+        self.gemv_tuning = plan(self.model.projections(), self.device, prefetch=self.config.prefetch_ahead > 0)
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
         self._link_prefetch(self.config.prefetch_ahead)
 

@@ -8,9 +8,9 @@ the step (``ModelRunner`` links them: ``Linear.prefetch``) and then streams its 
 kernel before it asked for: the weight stream keeps going across boundaries, and each kernel reads
 its weights from L2. A prefetch is a hint with no result — it changes no value, only timing.
 
-``prefetch_l2`` deals the range out in pieces of at least 4 KB, round-robin over the grid's programs;
-each thread issues at most one bulk prefetch (16-byte granules; ``cp.async.bulk`` needs 16-byte
-alignment, which a torch allocation and every granule offset keep). The instruction is PTX 8.0 / sm_90: ``prefetch_supported`` compiles and
+``prefetch_l2`` splits the range evenly over every thread of the grid; each thread issues one bulk
+prefetch (16-byte granules; ``cp.async.bulk`` needs 16-byte alignment, which a torch allocation and
+every granule offset keep). The instruction is PTX 8.0 / sm_90: ``prefetch_supported`` compiles and
 runs a probe once per device and the wrappers pass ``PREFETCH=False`` anywhere it failed (older GPUs,
 the Triton interpreter, which has no inline assembly).
 """
@@ -30,20 +30,17 @@ setp.gt.s32 p, $2, 0;
 @p cp.async.bulk.prefetch.L2.global [$1], $2;
 mov.b32 $0, 0;
 }""")
-_MIN_GRANULES = tl.constexpr(256)  # 16-byte granules per bulk prefetch, at least
 
 
 @triton.jit
 def prefetch_l2(ptr, numel, GRANULE: tl.constexpr, THREADS: tl.constexpr):
     """Ask L2 for this program's share of ``ptr[0:numel]`` (``GRANULE`` elements = 16 bytes; ``THREADS``
-    = the program's thread count). Pieces are at least ``_MIN_GRANULES`` granules (4 KB: a bulk
-    prefetch of a few dozen bytes costs about what a 4 KB one does), dealt round-robin over the
-    programs so every SM issues its share; threads left without a piece issue nothing."""
+    = the program's thread count, so each thread issues exactly one prefetch)."""
     programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
     pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
     granules = (numel + GRANULE - 1) // GRANULE
-    per_thread = tl.maximum((granules + programs * THREADS - 1) // (programs * THREADS), _MIN_GRANULES) * GRANULE
-    start = (tl.arange(0, THREADS) * programs + pid).to(tl.int64) * per_thread  # piece t * programs + pid
+    per_thread = (granules + programs * THREADS - 1) // (programs * THREADS) * GRANULE  # elements
+    start = (pid * THREADS + tl.arange(0, THREADS)).to(tl.int64) * per_thread
     count = tl.minimum(tl.maximum(numel - start, 0), per_thread)
     nbytes = (count // GRANULE * 16).to(tl.int32)  # whole granules: a ragged tail (< 16 bytes) is not worth a fetch
     tl.inline_asm_elementwise(_ASM, "=r,l,r", [ptr + start, nbytes], dtype=tl.int32, is_pure=False, pack=1)
