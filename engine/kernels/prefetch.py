@@ -93,9 +93,7 @@ def link_prefetch(weights: list[torch.Tensor], ahead: int, max_bytes: int = 64 <
         return [None] * len(weights)
     out = []
     for i in range(len(weights)):
-        # detached: a plain tensor on the same storage (a Parameter assigned to a module would register
-        # as one more parameter of it)
-        target = weights[(i + ahead) % len(weights)].detach()
+        target = weights[(i + ahead) % len(weights)]
         limit = max(max_bytes // target.element_size(), 1)
         out.append(target.reshape(-1)[:limit] if target.numel() > limit else target)
     return out
