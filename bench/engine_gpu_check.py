@@ -175,37 +175,6 @@ def build_model(out: Path, smoke: bool) -> str:
     return str(out)
 
 
-def prefetch_checks(device: str) -> list[dict]:
-    """The L2 prefetch (engine/kernels/prefetch.py) compiles and runs here, and a GEMV that prefetches
-    another weight (whole, or cut to a ragged length) returns exactly what it returns without."""
-    import torch
-
-    from engine.kernels.gemv import Workspace, candidate_configs, gemv
-    from engine.kernels.prefetch import prefetch_supported
-
-    supported = prefetch_supported(device)
-    g = torch.Generator(device).manual_seed(0)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    n, k = 4096, 1024
-    w = (torch.randn(n, k, generator=g, device=device) * k ** -0.5).bfloat16()
-    other = torch.randn(3 * n, k, generator=g, device=device).bfloat16()
-    equal, total = 0, 0
-    for m in (1, 4):
-        x = torch.randn(m, k, generator=g, device=device).bfloat16()
-        workspace = Workspace(torch.device(device))
-        for config in candidate_configs(n, k, m, sms):
-            workspace.reserve(n, config)
-            plain = gemv(x, w, None, config, workspace)
-            for target in (other, other.reshape(-1)[:1_000_003]):
-                total += 1
-                equal += torch.equal(gemv(x, w, None, config, workspace, prefetch=target), plain)
-    torch.cuda.synchronize()
-    return [{"check": "L2 prefetch compiles and runs (cp.async.bulk.prefetch.L2)", "value": float(supported), "target": "1.0",
-             "ok": supported},
-            {"check": "  GEMV with prefetch = without (every config, 1 and 4 rows)", "value": equal / total, "target": "1.0",
-             "ok": equal == total}]
-
-
 def parity_checks(model_dir: str, device: str, smoke: bool, launch_ahead: bool = True, decode_steps: int = 8) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -329,11 +298,6 @@ def main() -> int:
         except Exception as e:
             traceback.print_exc()
             rows.append({"check": "split merge", "error": f"{type(e).__name__}: {e}", "ok": False})
-        try:
-            rows += prefetch_checks(device)
-        except Exception as e:
-            traceback.print_exc()
-            rows.append({"check": "L2 prefetch", "error": f"{type(e).__name__}: {e}", "ok": False})
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="engine-check-"))
     try:
         model_dir = build_model(workdir / "qwen3-0.6b", args.smoke)

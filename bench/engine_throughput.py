@@ -114,11 +114,10 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 
 
 # bs1 settings measured side by side in one engine: (name, changes from the engine defaults); GPU-only
-# switches (gemv, pdl, merge_in_kernel, prefetch_ahead) go through ModelRunner.set_kernels, decode_steps
-# through the engine config. (Session 7 also ran "8 steps" and "combine kernel": BENCHMARKS.md.)
-VARIANTS = (("default", {}), ("no prefetch", {"prefetch_ahead": 0}), ("prefetch 2 ahead", {"prefetch_ahead": 2}),
-            ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}))
-KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel", "prefetch_ahead")
+# switches (gemv, pdl, merge_in_kernel) go through ModelRunner.set_kernels, decode_steps through the engine config
+VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
+            ("combine kernel", {"merge_in_kernel": False}))
+KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel")
 
 
 def decode_roofline(llm, steps: int = 200) -> dict:
@@ -133,9 +132,8 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     row = {"weight_gb": nbytes / 1e9, "copy_bw_gb_s": bandwidth / 1e9, "roofline_ms": roofline * 1e3}
     on_gpu = engine.device.type == "cuda"
     default_steps = engine.config.decode_steps
-    defaults = {key: True for key in KERNEL_SWITCHES} | {"prefetch_ahead": engine.config.prefetch_ahead}
     for variant, changes in VARIANTS:
-        kernels = {key: changes.get(key, defaults[key]) for key in KERNEL_SWITCHES}
+        kernels = {key: changes.get(key, True) for key in KERNEL_SWITCHES}
         if not on_gpu and changes.keys() & kernels.keys():
             continue  # no GEMV or PDL on CPU: the same as the defaults
         if on_gpu:
@@ -148,7 +146,7 @@ def decode_roofline(llm, steps: int = 200) -> dict:
               flush=True)
     engine.config.decode_steps = default_steps
     if on_gpu:
-        runner.set_kernels(**defaults)
+        runner.set_kernels(**{key: True for key in KERNEL_SWITCHES})
         row["replay_profile"] = replay_profile(engine)
         row["live_timeline"] = live_timeline(engine)
         row["gemv_choices"] = runner.gemv_tuning

@@ -19,9 +19,6 @@ class EngineConfig:
     enforce_eager: bool = False  # GPU: skip CUDA-graph capture of decode steps
     gemv: bool = True  # GPU: Triton GEMV for projections at <= 8 rows (tuned against cuBLAS at start-up)
     pdl: bool = True  # GPU (Hopper+): programmatic dependent launch of the decode-path Triton kernels (engine/kernels)
-    # GPU (Hopper+): each decode-path GEMV asks L2 for the weights of the projection this many places later
-    # in the step, so HBM keeps streaming across kernel boundaries (engine/kernels/prefetch.py); 0: off
-    prefetch_ahead: int = 1
     launch_ahead: bool = True  # GPU graphs: queue the next decode step before step() returns (hides host time)
     # greedy decode steps run back to back on the device per engine step, each feeding its argmax to the
     # next, tokens read once at the end (vLLM's multi-step scheduling): the host's share of a step is
@@ -41,8 +38,6 @@ class EngineConfig:
                      "decode_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"engine.{name} must be > 0 (got {getattr(self, name)})")
-        if not 0 <= self.prefetch_ahead <= 4:
-            raise ConfigError(f"engine.prefetch_ahead must be in 0..4 projections (got {self.prefetch_ahead}; 0 turns it off)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):

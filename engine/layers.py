@@ -26,7 +26,6 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.adapter = None
         self.gemv = None  # engine.kernels.gemv_tuning.GemvPlan
-        self.prefetch = None  # a later projection's weight the GEMV asks L2 for (engine/kernels/prefetch.py)
 
     def shard(self, tensor: torch.Tensor, part: int) -> torch.Tensor:
         """The rows of ``tensor`` (this layer's weight or bias) that hold fused part ``part``."""
@@ -46,7 +45,7 @@ class Linear(nn.Module):
         else:
             from engine.kernels.gemv import gemv
 
-            y = gemv(x, self.weight, self.bias, config, self.gemv.workspace, prefetch=self.prefetch)
+            y = gemv(x, self.weight, self.bias, config, self.gemv.workspace)
         if self.adapter is not None:
             y = self.adapter(x, y, get_context().adapter_ids)
         return y
@@ -72,7 +71,7 @@ def norm_linear(norm: "RMSNorm", linear: Linear, x: torch.Tensor, residual: torc
         from engine.kernels.gemv import gemv
 
         return gemv(x, linear.weight, linear.bias, config, linear.gemv.workspace, "add_rms_norm", residual,
-                    norm.weight, norm.eps, stats=stats, late_trigger=late_trigger, prefetch=linear.prefetch)
+                    norm.weight, norm.eps, stats=stats, late_trigger=late_trigger)
     h, residual = (norm(x), x) if residual is None else norm(x, residual)
     return linear(h), residual
 
@@ -89,7 +88,7 @@ def linear_residual(linear: Linear, x: torch.Tensor, residual: torch.Tensor | No
     from engine.kernels.gemv import gemv
 
     h, stats = gemv(x, linear.weight, linear.bias, config, linear.gemv.workspace, "none" if act is None else "silu_mul",
-                    add_residual=residual, prefetch=linear.prefetch)
+                    add_residual=residual)
     return h, None, stats
 
 
@@ -100,7 +99,7 @@ def act_linear(act: "SiluAndMul", linear: Linear, x: torch.Tensor) -> torch.Tens
     if config is not None:
         from engine.kernels.gemv import gemv
 
-        return gemv(x, linear.weight, linear.bias, config, linear.gemv.workspace, "silu_mul", prefetch=linear.prefetch)
+        return gemv(x, linear.weight, linear.bias, config, linear.gemv.workspace, "silu_mul")
     return linear(act(x))
 
 

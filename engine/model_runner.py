@@ -77,25 +77,13 @@ class ModelRunner:
     def _plan_gemv(self) -> None:
         from engine.kernels.gemv_tuning import plan
 
-        self.gemv_tuning = plan(self.model.projections(), self.device, prefetch=self.config.prefetch_ahead > 0)
+        self.gemv_tuning = plan(self.model.projections(), self.device)
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
-        self._link_prefetch(self.config.prefetch_ahead)
 
-    def _link_prefetch(self, ahead: int) -> None:
-        """Point every GEMV projection at the weights it prefetches into L2: the projection ``ahead``
-        places later in the step (0: none); see engine/kernels/prefetch.py."""
-        from engine.kernels.prefetch import link_prefetch
-
-        projections = self.model.projections()
-        for p, target in zip(projections, link_prefetch([p.linear.weight for p in projections], ahead)):
-            p.linear.prefetch = target
-
-    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None,
-                    prefetch_ahead: int | None = None) -> None:
-        """Switch the Triton GEMV, PDL and/or the decode attention's in-kernel split merge on or off, or
-        change how far ahead the GEMVs prefetch weights (benchmarks A/B them in one process; the GEMV
-        configs stay those tuned at start-up); recaptures the graphs, which keep the kernels, arguments
-        and launch attributes they were captured with."""
+    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None) -> None:
+        """Switch the Triton GEMV, PDL and/or the decode attention's in-kernel split merge on or off
+        (benchmarks A/B them in one process); recaptures the graphs, which keep the kernels and launch
+        attributes they were captured with."""
         if self.device.type != "cuda":
             raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
         if pdl is not None:
@@ -111,8 +99,6 @@ class ModelRunner:
         if gemv is not None:
             for linear, gemv_plan in self._gemv_plans.items():
                 linear.gemv = gemv_plan if gemv else None
-        if prefetch_ahead is not None:
-            self._link_prefetch(prefetch_ahead)
         if self.graphs:
             self.graphs.clear()
             self._ahead = None

@@ -33,9 +33,6 @@ PDL (``USE_PDL``, engine/kernels/__init__.py): the first weight tile is loaded b
 so at batch 1 the kernel's launch and first HBM round trip overlap the previous kernel's tail;
 everything else (x, the rows' 1/rms, workspace, outputs) waits. The loop's first iteration is peeled to
 use that tile, with the same sums in the same order, so results equal the kernel without PDL.
-
-L2 prefetch (``prefetch=``, engine/kernels/prefetch.py): before its own weights the kernel asks L2 for
-a later projection's, so HBM keeps streaming across the step's kernel boundaries.
 """
 from __future__ import annotations
 
@@ -46,7 +43,6 @@ import triton
 import triton.language as tl
 
 from engine.kernels import use_pdl
-from engine.kernels.prefetch import granule, prefetch_l2, prefetch_supported
 
 MAX_M = 8  # beyond this the weight tile is reused enough that cuBLAS's GEMM wins
 PROLOGUES = ("none", "add_rms_norm", "silu_mul")
@@ -114,8 +110,8 @@ def _rms_stats_kernel(x_ptr, res_ptr, h_ptr, inv_ptr, K, x_stride, eps,
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, ticket_ptr, res_ptr, stats_out_ptr,
-                 pf_ptr, pf_numel, M, N, K, x_stride, stats_in_tiles, eps,
-                 PREFETCH: tl.constexpr, PF_GRANULE: tl.constexpr, THREADS: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STATS_IN: tl.constexpr, STATS_PAD: tl.constexpr,
+                 M, N, K, x_stride, stats_in_tiles, eps,
+                 PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STATS_IN: tl.constexpr, STATS_PAD: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  K_TILES: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr):
@@ -135,9 +131,6 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         k0 = split * (K_TILES * BLOCK_K) + tl.arange(0, BLOCK_K)
         w0 = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + k0[None, :], mask=mask_n[:, None] & (k0 < K)[None, :],
                      other=0.0)
-    if PREFETCH:  # a later projection's weights (engine/kernels/prefetch.py): no kernel of the step writes them
-        prefetch_l2(pf_ptr, pf_numel, PF_GRANULE, THREADS)
-    if USE_PDL:
         tl.extra.cuda.gdc_wait()
         if LATE_TRIGGER:  # the next kernel starts only once the previous one has completed (see gemv())
             tl.extra.cuda.gdc_launch_dependents()
@@ -237,7 +230,7 @@ class Workspace:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig, workspace: Workspace,
          prologue: str = "none", residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
          eps: float = 0.0, stats: torch.Tensor | None = None, add_residual: torch.Tensor | None = None,
-         late_trigger: bool = False, prefetch: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+         late_trigger: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``prologue(x) @ weight.T + bias`` for x [M <= 8, K] (``silu_mul``: [M, 2K]); ``add_rms_norm``
     also returns the new residual stream ``x + residual`` (``x`` itself when residual is None).
 
@@ -249,10 +242,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     ``late_trigger`` (PDL): let the next kernel launch only after this one's ``gdc_wait``, i.e. once
     every kernel before this one has completed — so the next kernel may read, before its own
     ``gdc_wait``, anything those kernels wrote (the decode attention after the qkv projection reads the
-    step's lengths, block tables and cached K/V early).
-
-    ``prefetch``: a tensor (a later projection's weight) the kernel asks L2 to fetch before streaming
-    its own weights, where the GPU supports it (engine/kernels/prefetch.py); it changes no result."""
+    step's lengths, block tables and cached K/V early)."""
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
     _check(x, weight, config, workspace, prologue, k)
     y = torch.empty(m, n, dtype=weight.dtype, device=x.device)
@@ -279,16 +269,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
         stats_out = torch.empty(m, tiles, dtype=torch.float32, device=x.device)
     stats_in_tiles = stats.shape[1] if stats is not None else 1
     k_tiles = triton.cdiv(k, config.split_k * config.block_k)
-    prefetch = prefetch if prefetch is not None and prefetch_supported(x.device) else None
     grid = (tiles, config.split_k)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else y, y, inv_rms,
         norm_weight if norm_weight is not None else weight, workspace.partials, workspace.tickets,
         add_residual if add_residual is not None else y, stats_out,
-        prefetch if prefetch is not None else weight, prefetch.numel() if prefetch is not None else 0,
         m, n, k, x.stride(0), stats_in_tiles, eps,
-        PREFETCH=prefetch is not None, PF_GRANULE=granule(weight if prefetch is None else prefetch),
-        THREADS=32 * config.num_warps, PROLOGUE=_PROLOGUE_ID[prologue], HAS_BIAS=bias is not None, STATS_IN=stats is not None,
+        PROLOGUE=_PROLOGUE_ID[prologue], HAS_BIAS=bias is not None, STATS_IN=stats is not None,
         STATS_PAD=triton.next_power_of_2(stats_in_tiles), ADD_RESIDUAL=add_residual is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         K_TILES=k_tiles, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", USE_PDL=pdl, LATE_TRIGGER=late_trigger,

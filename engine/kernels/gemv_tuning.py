@@ -51,11 +51,8 @@ class Projection:
     eps: float = 0.0
 
 
-def plan(projections: list[Projection], device: torch.device, reps: int = 3, prefetch: bool = False) -> list[dict]:
-    """Attach a GemvPlan to every projection; returns one row per (group, bucket) for the log.
-    ``prefetch``: the decode step prefetches each projection's weights into L2 one kernel ahead
-    (engine/kernels/prefetch.py), so the Triton candidates are timed that way too (each layer's
-    kernel prefetching the next layer's weights of the group): configs are chosen for the regime they run in."""
+def plan(projections: list[Projection], device: torch.device, reps: int = 3) -> list[dict]:
+    """Attach a GemvPlan to every projection; returns one row per (group, bucket) for the log."""
     workspace = Workspace(device)  # per engine: growing a shared one would move memory another engine's graphs hold
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     groups: dict[tuple, list[Projection]] = defaultdict(list)
@@ -68,9 +65,9 @@ def plan(projections: list[Projection], device: torch.device, reps: int = 3, pre
         n, k, _, prologue, dtype = key
         configs = {}
         for b in BUCKETS:
-            choice_key = (torch.cuda.get_device_name(device), *key, b, prefetch)
+            choice_key = (torch.cuda.get_device_name(device), *key, b)
             if choice_key not in _CHOICES:
-                _CHOICES[choice_key] = _choose(members, b, workspace, num_sms, reps, prefetch)
+                _CHOICES[choice_key] = _choose(members, b, workspace, num_sms, reps)
             configs[b], timings = _CHOICES[choice_key]
             rows.append({"n": n, "k": k, "prologue": prologue, "rows": b, "layers": len(members),
                          "choice": str(configs[b] or "cublas"), **timings})
@@ -83,8 +80,7 @@ def plan(projections: list[Projection], device: torch.device, reps: int = 3, pre
     return rows
 
 
-def _choose(members: list[Projection], m: int, workspace: Workspace, num_sms: int, reps: int,
-            prefetch: bool) -> tuple[GemvConfig | None, dict]:
+def _choose(members: list[Projection], m: int, workspace: Workspace, num_sms: int, reps: int) -> tuple[GemvConfig | None, dict]:
     n, k = members[0].linear.weight.shape
     dtype, device = members[0].linear.weight.dtype, members[0].linear.weight.device
     prologue = members[0].prologue
@@ -96,14 +92,10 @@ def _choose(members: list[Projection], m: int, workspace: Workspace, num_sms: in
         for p in members:
             p.unfused(x, residual)
 
-    following = [members[(i + 1) % len(members)].linear.weight if prefetch and len(members) > 1 else None
-                 for i in range(len(members))]
-
     def run_config(config: GemvConfig) -> Callable[[], None]:
         def run() -> None:
-            for p, after in zip(members, following):
-                gemv(x, p.linear.weight, p.linear.bias, config, workspace, prologue, residual, p.norm_weight, p.eps,
-                     prefetch=after)
+            for p in members:
+                gemv(x, p.linear.weight, p.linear.bias, config, workspace, prologue, residual, p.norm_weight, p.eps)
         return run
 
     best, best_us, timings = None, _graph_time_us(run_unfused, reps), {}
