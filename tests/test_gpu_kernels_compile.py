@@ -1,0 +1,98 @@
+"""The GPU path's Triton kernels compile for Hopper (sm_90) on this CPU machine.
+
+The interpreter runs the kernels' Python, not the compiler, and twice a GPU session lost a call to a
+kernel that only the real compiler rejects (a jit default argument that stays a plain ``str``; an
+operand the interpreter accepted). Triton ships ptxas, so every variant the engine launches on an
+H100 is compiled here down to a cubin, and the PTX is checked for what the PDL contract promises
+(engine/kernels/__init__.py): what may run before ``griddepcontrol.wait`` does, and nothing else.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+
+
+def compile_for_hopper(fn, args: dict, constexprs: dict, **options) -> str:
+    """PTX of ``fn`` compiled for sm_90 with the argument types of ``args`` (example values) and ``constexprs``."""
+    def kind(value) -> str:
+        if isinstance(value, torch.Tensor):
+            return "*" + _DTYPES[value.dtype]
+        return "fp32" if isinstance(value, float) else "i32"
+
+    missing = set(fn.arg_names) - args.keys() - constexprs.keys()
+    assert not missing, f"{fn.__name__}: no example for {sorted(missing)}"
+    signature = {name: "constexpr" if name in constexprs else kind(args[name]) for name in fn.arg_names}
+    try:
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=HOPPER,
+                                options={"num_warps": 4, **options})
+    except RuntimeError as e:  # a Triton build without the CUDA backend or its bundled ptxas
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"cannot compile for sm_90 here: {e}")
+        raise
+    assert kernel.asm["cubin"], "ptxas produced no cubin"
+    return kernel.asm["ptx"]
+
+
+def _before_wait(ptx: str, needle: str) -> bool:
+    return 0 <= ptx.find(needle) < ptx.find("griddepcontrol.wait")
+
+
+BF16, F32, I32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1), torch.empty(1, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("prologue, block_m, split_k, late, residual", [
+    (1, 1, 1, True, False),   # layer 0's qkv: add + RMSNorm prologue, late trigger
+    (0, 1, 2, False, True),   # o_proj: split-K with the residual epilogue
+    (2, 1, 3, False, True),   # down_proj: SiLU·mul prologue
+    (1, 16, 4, False, False),  # the tl.dot family (batches 2-8)
+])
+def test_gemv_kernel_compiles_and_keeps_the_pdl_contract(prologue, block_m, split_k, late, residual):
+    from engine.kernels.gemv import _gemv_kernel
+
+    args = dict(x_ptr=BF16, w_ptr=BF16, bias_ptr=BF16, y_ptr=BF16, inv_ptr=F32, norm_ptr=BF16, part_ptr=F32, ticket_ptr=I32,
+                res_ptr=BF16, stats_out_ptr=F32, M=1, N=1024, K=1024, x_stride=1024, stats_in_tiles=4, eps=1e-6)
+    block_k = 1024 // split_k if split_k != 3 else 1024
+    ptx = compile_for_hopper(_gemv_kernel, args, dict(
+        PROLOGUE=prologue, HAS_BIAS=False, STATS_IN=prologue == 1 and not late, STATS_PAD=4, ADD_RESIDUAL=residual,
+        BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 32, BLOCK_K=block_k, SPLIT_K=split_k, K_TILES=1,
+        PRECISION="tf32", USE_PDL=True, LATE_TRIGGER=late), num_warps=8 if block_m == 1 else 4)
+    assert _before_wait(ptx, "ld.global")  # the first weight tile streams while the predecessor finishes
+    trigger, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
+    assert (trigger > wait) if late else (0 <= trigger < wait)  # late trigger: dependents only after our wait
+
+
+@pytest.mark.parametrize("early_kv, merge", [(True, True), (False, True), (True, False)])
+def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge):
+    from engine.kernels.paged_attention import _decode_kernel
+
+    args = dict(q_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16, out_ptr=BF16, part_ptr=F32, count_ptr=I32, tables_ptr=I32,
+                lens_ptr=I32, scale_log2=0.1, table_stride=64, q_stride=4096, pos_ptr=torch.empty(1, dtype=torch.int64),
+                cos_ptr=F32, sin_ptr=F32, q_norm_ptr=BF16, k_norm_ptr=BF16, slot_ptr=torch.empty(1, dtype=torch.int64),
+                cos_stride=128, eps=1e-6)
+    ptx = compile_for_hopper(_decode_kernel, args, dict(
+        NUM_KV_HEADS=8, GROUP=2, GROUP_PAD=16, GROUP_P2=2, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, NUM_SPLITS=16,
+        SPLIT_TILE=16, PRECISION="tf32", USE_PDL=True, FUSED_ROPE=True, QK_NORM=True, MERGE_IN_KERNEL=merge,
+        EARLY_KV=early_kv, CACHE=".cg" if early_kv else ""), enable_fp_fusion=False)
+    # EARLY_KV: the cached K/V (through L2: .cg) is requested before waiting for the qkv GEMV
+    assert _before_wait(ptx, "ld.global.cg") == early_kv
+    assert ("atom.global.gpu.acq_rel.add" in ptx) == merge  # the split that arrives last merges
+
+
+def test_prefill_and_combine_kernels_compile():
+    from engine.kernels.paged_attention import _combine_kernel, _prefill_kernel
+
+    compile_for_hopper(_prefill_kernel, dict(q_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16, out_ptr=BF16, tables_ptr=I32,
+                                             lens_ptr=I32, cu_q_ptr=I32, scale_log2=0.1, table_stride=64, q_stride=4096),
+                       dict(NUM_KV_HEADS=8, GROUP=2, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=64, BLOCK_N=64, PRECISION="tf32",
+                            CACHE=""))
+    compile_for_hopper(_combine_kernel, dict(part_ptr=F32, out_ptr=BF16, lens_ptr=I32),
+                       dict(NUM_KV_HEADS=8, GROUP=2, GROUP_P2=2, HEAD_DIM=128, NUM_SPLITS=16, SPLIT_TILE=16, BLOCK_N=64,
+                            USE_PDL=True))
