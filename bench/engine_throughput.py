@@ -114,11 +114,10 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 
 
 # bs1 settings measured side by side in one engine: (name, changes from the engine defaults); GPU-only
-# switches (gemv, pdl, merge_in_kernel, layer_tail) go through ModelRunner.set_kernels, decode_steps through the
-# engine config ("8 steps" ran through session 7: BENCHMARKS.md)
-VARIANTS = (("default", {}), ("no layer tail", {"layer_tail": False}), ("1 step", {"decode_steps": 1}),
-            ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}), ("combine kernel", {"merge_in_kernel": False}))
-KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel", "layer_tail")
+# switches (gemv, pdl, merge_in_kernel) go through ModelRunner.set_kernels, decode_steps through the engine config
+VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
+            ("combine kernel", {"merge_in_kernel": False}))
+KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel")
 
 
 def decode_roofline(llm, steps: int = 200) -> dict:

@@ -19,9 +19,6 @@ class EngineConfig:
     enforce_eager: bool = False  # GPU: skip CUDA-graph capture of decode steps
     gemv: bool = True  # GPU: Triton GEMV for projections at <= 8 rows (tuned against cuBLAS at start-up)
     pdl: bool = True  # GPU (Hopper+): programmatic dependent launch of the decode-path Triton kernels (engine/kernels)
-    # GPU: at batch 1, each layer's o_proj + MLP runs as one persistent kernel, stages met at grid barriers
-    # instead of kernel boundaries (engine/kernels/layer_tail.py); needs engine.gemv
-    layer_tail: bool = True
     launch_ahead: bool = True  # GPU graphs: queue the next decode step before step() returns (hides host time)
     # greedy decode steps run back to back on the device per engine step, each feeding its argmax to the
     # next, tokens read once at the end (vLLM's multi-step scheduling): the host's share of a step is

@@ -110,13 +110,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.attn = PagedAttention(a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)
 
-    def attend(self, h: torch.Tensor, residual: torch.Tensor | None, stats: torch.Tensor | None, norm: RMSNorm,
-               positions: torch.Tensor, rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(attention output [T, q_size], residual stream h + residual)``; ``norm`` is the layer's input
-        norm, applied to ``h + residual`` (fused into the qkv projection where it can be)."""
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, stats: torch.Tensor | None, norm: RMSNorm,
+                positions: torch.Tensor, rope: RotaryEmbedding) -> Stream:
+        """The residual stream after attention (see ``Stream``); ``norm`` is the layer's input norm,
+        applied to ``h + residual`` (fused into the qkv projection where it can be)."""
         qkv, residual = norm_linear(norm, self.qkv_proj, h, residual, stats, late_trigger=self.late_trigger)
         out = self.attn(qkv, positions, rope, self.q_norm, self.k_norm)  # q/k norm, RoPE, KV store, attention
-        return out.flatten(1), residual
+        return linear_residual(self.o_proj, out.flatten(1), residual)
 
 
 class MLP(nn.Module):
@@ -132,15 +132,6 @@ class MLP(nn.Module):
         return linear_residual(self.down_proj, gate_up, residual, self.act)
 
 
-@dataclass
-class TailKernel:
-    """The persistent o_proj + MLP kernel for one layer at batch 1 (engine/kernels/layer_tail.py):
-    its two barrier counters (owned by the model runner, zero between launches) and grid size."""
-    counters: torch.Tensor
-    programs: int
-    stages: tuple | None = None  # one launch per stage group (the Triton interpreter, tests); None: one launch
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, a: ModelArgs, first: bool = False):
         super().__init__()
@@ -148,31 +139,14 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(a, first)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
-        self.tail: TailKernel | None = None  # set by the model runner on CUDA (engine.layer_tail)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, stats: torch.Tensor | None, positions: torch.Tensor,
                 rope: RotaryEmbedding) -> Stream:
         """Each residual add happens inside the following norm (``add_rms_norm``); at decode batch sizes
         on CUDA it runs in the epilogue of the GEMV before that norm and the norm inside the next
-        projection's GEMV (see ``Stream``), and at batch 1 the whole layer after attention may be one
-        persistent kernel (``tail``). The values are HF's either way."""
-        out, residual = self.self_attn.attend(h, residual, stats, self.input_layernorm, positions, rope)
-        if self._tail_applies(out, residual):
-            from engine.kernels.layer_tail import layer_tail
-
-            attn, mlp, norm = self.self_attn, self.mlp, self.post_attention_layernorm
-            h, stats = layer_tail(out, residual, attn.o_proj.weight, norm.weight, norm.eps, mlp.gate_up_proj.weight,
-                                  mlp.down_proj.weight, self.tail.counters, self.tail.programs, self.tail.stages)
-            return h, None, stats
-        h, residual, stats = linear_residual(self.self_attn.o_proj, out, residual)
+        projection's GEMV (see ``Stream``). The values are HF's either way."""
+        h, residual, stats = self.self_attn(h, residual, stats, self.input_layernorm, positions, rope)
         return self.mlp(h, residual, stats, self.post_attention_layernorm)
-
-    def _tail_applies(self, out: torch.Tensor, residual: torch.Tensor) -> bool:
-        """One token, the GEMV path's residual stream, and plain projections (no adapter, no bias)."""
-        if self.tail is None or out.shape[0] != 1 or not residual.is_contiguous() or not out.is_contiguous():
-            return False
-        linears = (self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
-        return all(type(lin) is Linear and lin.adapter is None and lin.bias is None and lin.gemv is not None for lin in linears)
 
 
 class Decoder(nn.Module):

@@ -58,9 +58,6 @@ class ModelRunner:
         self._gemv_plans: dict = {}
         if device.type == "cuda" and config.gemv:
             self._plan_gemv()
-        # the batch-1 layer-tail kernels' barrier counters (two per layer, zero between launches)
-        self.tail_counters = torch.zeros(2 * self.args.num_layers, dtype=torch.int32, device=device) if device.type == "cuda" else None
-        self._set_layer_tail(device.type == "cuda" and self.backend == "triton" and config.layer_tail)
         # adapter slots exist before the KV budget is measured and before graphs capture the LoRA kernels
         self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras) if config.enable_lora else None
         self.num_blocks = config.num_blocks if device.type != "cuda" else self._gpu_num_blocks()
@@ -83,26 +80,10 @@ class ModelRunner:
         self.gemv_tuning = plan(self.model.projections(), self.device)
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
 
-    def _set_layer_tail(self, enabled: bool) -> None:
-        """At batch 1, run each layer's o_proj + MLP as one persistent kernel (engine/kernels/layer_tail.py)
-        where the shapes allow; one program per SM."""
-        from engine.model import TailKernel
-
-        a = self.args
-        enabled = enabled and self.tail_counters is not None
-        if enabled:
-            from engine.kernels.layer_tail import supports
-
-            enabled = supports(a.hidden_size, a.num_heads * a.head_dim, a.intermediate_size)
-        programs = torch.cuda.get_device_properties(self.device).multi_processor_count if enabled else 0
-        for i, layer in enumerate(self.model.model.layers):
-            layer.tail = TailKernel(self.tail_counters[2 * i:2 * i + 2], programs) if enabled else None
-
-    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None,
-                    layer_tail: bool | None = None) -> None:
-        """Switch the Triton GEMV, PDL, the decode attention's in-kernel split merge and/or the batch-1
-        layer-tail kernel on or off (benchmarks A/B them in one process); recaptures the graphs, which
-        keep the kernels and launch attributes they were captured with."""
+    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None) -> None:
+        """Switch the Triton GEMV, PDL and/or the decode attention's in-kernel split merge on or off
+        (benchmarks A/B them in one process); recaptures the graphs, which keep the kernels and launch
+        attributes they were captured with."""
         if self.device.type != "cuda":
             raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
         if pdl is not None:
@@ -118,8 +99,6 @@ class ModelRunner:
         if gemv is not None:
             for linear, gemv_plan in self._gemv_plans.items():
                 linear.gemv = gemv_plan if gemv else None
-        if layer_tail is not None:
-            self._set_layer_tail(layer_tail and self.backend == "triton")
         if self.graphs:
             self.graphs.clear()
             self._ahead = None
