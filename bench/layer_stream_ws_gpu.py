@@ -1,0 +1,228 @@
+"""Prototype: a decoder layer's four batch-1 projections as one warp-specialized persistent stream (Gluon).
+
+Follow-up of ``bench/layer_stream_gpu.py`` (session 8), whose software-pipelined persistent loop lost to
+the engine's GEMV chain because one program per SM serialized, per tile, the dependent read of the
+stage input and the tile's reduction. Here the work is split by warps: a one-warp loader partition
+walks the program's weight tiles in consumption order — qkv, o, gate_up, down, then the next layer —
+and TMA-copies each [32, 256] tile into a ring of shared-memory slots (an mbarrier pair per slot),
+never waiting on a stage boundary, only on a free slot; the consumer warps reduce each tile against
+the stage input held in shared memory and write a partial per (row block, K chunk), so no tile waits
+on another. At a stage boundary only the consumers meet at a grid barrier (named CTA barrier, one
+release arrival per program, acquire spin: CUTLASS's stream-K barrier), then sum the partials of the
+stage before into the next stage input. Values are not a model's (the next input is the raw sum of
+the previous outputs, no norm, attention or activation): this measures the stream and the barriers
+against the engine's GEMV chain over the same weights, in the same process.
+
+    python bench/layer_stream_ws_gpu.py --out $OUT/layer_stream_ws_gpu.json     # H100, ~1 min
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import bench_parser, csv_list, print_table, save_results  # noqa: E402
+from bench.layer_stream_gpu import SHAPES, graph_us  # noqa: E402
+
+# module level: the partitions' constexpr annotations are resolved in this module's globals
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma  # noqa: E402
+
+BN, BK = 32, 256  # a TMA tile: 32 rows x 256 columns of bf16 (16 KB)
+MAX_CHUNKS = 32  # stage inputs up to 32 x 256 = 8192 wide
+
+# named CTA barrier 15 over the consumer warps, leader arrives (release) and spins (acquire)
+BARRIER = r"""{
+.reg .pred p, leader;
+.reg .b32 tid, seen;
+bar.sync 15, $3;
+mov.u32 tid, %tid.x;
+setp.eq.u32 leader, tid, 0;
+@leader red.release.gpu.global.add.s32 [$1], 1;
+@!leader bra WAIT${:uid};
+SPIN${:uid}:
+ld.acquire.gpu.global.b32 seen, [$1];
+setp.lt.s32 p, seen, $2;
+@p bra SPIN${:uid};
+WAIT${:uid}:
+bar.sync 15, $3;
+mov.b32 $0, 0;
+}"""
+
+
+def build_kernel():
+    barrier_asm = gl.constexpr(BARRIER)
+
+    @gluon.jit
+    def _loader_stage(desc, layer, N: gl.constexpr, K: gl.constexpr, it, bufs, ready, empty, PROGRAMS: gl.constexpr):
+        nbuf: gl.constexpr = bufs.type.shape[0]
+        chunks: gl.constexpr = K // 256
+        for t in range(gl.program_id(0), (N // 32) * chunks, PROGRAMS):
+            slot = it % nbuf
+            mbarrier.wait(empty.index(slot), (it // nbuf & 1) ^ 1)  # slots start empty: the first wait passes
+            mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc, [layer * N + (t // chunks) * 32, (t % chunks) * 256], ready.index(slot),
+                                            bufs.index(slot))
+            it += 1
+        return it
+
+    @gluon.jit
+    def loader(descs, bufs, ready, empty, LAYERS: gl.constexpr, NS: gl.constexpr, KS: gl.constexpr,
+               PROGRAMS: gl.constexpr):
+        d0, d1, d2, d3 = descs
+        it = 0
+        for layer in range(LAYERS):
+            it = _loader_stage(d0, layer, NS[0], KS[0], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d1, layer, NS[1], KS[1], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d2, layer, NS[2], KS[2], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d3, layer, NS[3], KS[3], it, bufs, ready, empty, PROGRAMS)
+
+    @gluon.jit
+    def _consume_stage(part_ptr, prev_ptr, count_ptr, g, N: gl.constexpr, K: gl.constexpr, PREV_CHUNKS: gl.constexpr,
+                       it, bufs, ready, empty, x_smem, PROGRAMS: gl.constexpr, THREADS: gl.constexpr,
+                       layout: gl.constexpr, x_layout: gl.constexpr):
+        nbuf: gl.constexpr = bufs.type.shape[0]
+        chunks: gl.constexpr = K // 256
+        # every program has written its partials of the stage before: meet, then build this stage's input
+        gl.inline_asm_elementwise(barrier_asm, "=r,l,r,r", [count_ptr, (g + 1) * PROGRAMS, THREADS], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # every program arrives at every stage start, the first included
+        j = gl.arange(0, 256, layout=x_layout)
+        for c in gl.static_range(chunks):  # chunk c of this stage's input: the previous partials summed in a fixed order
+            x = gl.zeros([256], gl.float32, x_layout)
+            for p in gl.static_range(PREV_CHUNKS):
+                x += gl.load(prev_ptr + p * 16384 + c * 256 + j, cache_modifier=".cg")
+            x_smem.index(c).store(x.to(gl.bfloat16))
+        gl.thread_barrier()
+        rows = gl.arange(0, 32, layout=gl.SliceLayout(1, layout))
+        for t in range(gl.program_id(0), (N // 32) * chunks, PROGRAMS):
+            slot = it % nbuf
+            mbarrier.wait(ready.index(slot), it // nbuf & 1)
+            w = bufs.index(slot).load(layout)
+            fence_async_shared()  # order the shared load before the slot's next TMA write
+            mbarrier.arrive(empty.index(slot), count=1)
+            kc = t % chunks
+            xc = x_smem.index(kc).load(gl.SliceLayout(0, layout))  # chunk kc of the stage input
+            partial = gl.sum(w.to(gl.float32) * xc.to(gl.float32)[None, :], axis=1)
+            gl.store(part_ptr + kc * 16384 + (t // chunks) * 32 + rows, partial)
+            it += 1
+        return it
+
+    @gluon.jit
+    def consumer(part_ptr, count_ptr, bufs, ready, empty, x_smem, LAYERS: gl.constexpr, NS: gl.constexpr,
+                 KS: gl.constexpr, PROGRAMS: gl.constexpr, THREADS: gl.constexpr, layout: gl.constexpr,
+                 x_layout: gl.constexpr):
+        # partial slots: stage s writes part_ptr + s * 32 * 16384 ([chunks, 16384] fp32); stage s reads stage s - 1's
+        P: gl.constexpr = 32 * 16384
+        it = 0
+        for layer in range(LAYERS):
+            g = layer * 4
+            it = _consume_stage(part_ptr, part_ptr + 3 * P, count_ptr, g, NS[0], KS[0], KS[3] // 256, it, bufs, ready,
+                                empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
+            it = _consume_stage(part_ptr + P, part_ptr, count_ptr, g + 1, NS[1], KS[1], KS[0] // 256, it, bufs, ready,
+                                empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
+            it = _consume_stage(part_ptr + 2 * P, part_ptr + P, count_ptr, g + 2, NS[2], KS[2], KS[1] // 256, it, bufs,
+                                ready, empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
+            it = _consume_stage(part_ptr + 3 * P, part_ptr + 2 * P, count_ptr, g + 3, NS[3], KS[3], KS[2] // 256, it,
+                                bufs, ready, empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
+        # the last program out resets the counters for graph replays (every program is past every wait)
+        if gl.atomic_add(count_ptr + 1, 1) == PROGRAMS - 1:
+            gl.atomic_xchg(count_ptr, 0)
+            gl.atomic_xchg(count_ptr + 1, 0)
+
+    @gluon.jit
+    def layer_stream_ws_kernel(d0, d1, d2, d3, part_ptr, count_ptr, LAYERS: gl.constexpr, NS: gl.constexpr,
+                               KS: gl.constexpr, PROGRAMS: gl.constexpr, NBUF: gl.constexpr, num_warps: gl.constexpr):
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        x_layout: gl.constexpr = gl.BlockedLayout([2], [32], [num_warps], [0])
+        bufs = gl.allocate_shared_memory(d0.dtype, [NBUF] + d0.block_type.shape, d0.layout)
+        # [chunk, 256]; a rank-1 layout (one less than the shape) so that .index(chunk) is a plain vector
+        x_smem = gl.allocate_shared_memory(gl.bfloat16, [32, 256], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NBUF):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (consumer, (part_ptr, count_ptr, bufs, ready, empty, x_smem, LAYERS, NS, KS, PROGRAMS, num_warps * 32, layout,
+                        x_layout)),
+            (loader, ((d0, d1, d2, d3), bufs, ready, empty, LAYERS, NS, KS, PROGRAMS)),
+        ], [1], [24])
+
+    return layer_stream_ws_kernel
+
+
+def tile_layout():
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+
+
+def main() -> int:
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    p = bench_parser(__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=csv_list, default=list(SHAPES))
+    p.add_argument("--buffers", type=csv_list, default=["6", "10"], help="shared-memory ring slots (16 KB each)")
+    args = p.parse_args()
+    from engine.kernels import set_pdl
+    from engine.kernels.gemv import Workspace, gemv, whole_slice_configs
+
+    set_pdl(True)
+    kernel = build_kernel()
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() / (graph_us(lambda: dst.copy_(src)) * 1e-6)
+    rows = []
+    for shape in args.shapes:
+        hidden, qkv, q_size, inter, layers = SHAPES[shape]
+        dims = [(qkv, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter)]
+        stage_w = [(torch.randn(layers * n, k, device=dev) * 0.02).bfloat16() for n, k in dims]  # stage-major: [L * N, K]
+        nbytes = sum(w.numel() * 2 for w in stage_w)
+        roofline_us = nbytes / copy_bw * 1e6
+        row = {"shape": shape, "weights_mb": nbytes / 1e6, "roofline_us_per_layer": roofline_us / layers}
+        # the engine's chain over the same weights: best whole-slice row config per projection, PDL
+        views = [w[l * n:(l + 1) * n] for l in range(layers) for w, (n, k) in zip(stage_w, dims)]
+        ws, best = Workspace(dev), {}
+        for n, k in dims:
+            xs = torch.randn(1, k, device=dev).bfloat16()
+            mats = [v for v in views if tuple(v.shape) == (n, k)]
+            timed = []
+            for cfg in whole_slice_configs(k):
+                ws.reserve(n, cfg)
+                timed.append((graph_us(lambda: [gemv(xs, m, None, cfg, ws) for m in mats]), cfg))
+            best[(n, k)] = min(timed, key=lambda t: t[0])[1]
+        xin = {k: torch.randn(1, k, device=dev).bfloat16() for _, k in dims}
+        chain = graph_us(lambda: [gemv(xin[v.shape[1]], v, None, best[tuple(v.shape)], ws) for v in views])
+        row["gemv_chain_us_per_layer"] = chain / layers
+        print(f"{shape}: roofline {roofline_us / layers:.2f} us/layer, GEMV chain {chain / layers:.2f}", flush=True)
+        descs = [TensorDescriptor.from_tensor(w, [BN, BK], tile_layout()) for w in stage_w]
+        part = torch.zeros(4 * 32 * 16384, dtype=torch.float32, device=dev)
+        count = torch.zeros(2, dtype=torch.int32, device=dev)
+        for nbuf in map(int, args.buffers):
+            name = f"warp-specialized {nbuf} slots"
+            try:
+                def run():
+                    kernel[(sms,)](*descs, part, count, LAYERS=layers, NS=tuple(n for n, _ in dims), KS=tuple(k for _, k in dims),
+                                   PROGRAMS=sms, NBUF=nbuf, num_warps=4)
+                us = graph_us(run)
+            except Exception as e:  # report, go on
+                print(f"  {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                row[f"{name} error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                continue
+            row[f"{name} us_per_layer"] = us / layers
+            print(f"  {name}: {us / layers:.2f} us/layer = {us / roofline_us:.2f}x roofline (counters {count.tolist()})",
+                  flush=True)
+        rows.append(row)
+    print_table("four batch-1 projections per layer: GEMV chain vs warp-specialized persistent stream (us per layer)",
+                [{"shape": r["shape"], **{k: v for k, v in r.items() if "us_per_layer" in k}} for r in rows],
+                [("shape", "shape")] + [(k, k.replace(" us_per_layer", "").replace("_us_per_layer", ""))
+                                        for k in dict.fromkeys(k for r in rows for k in r if "us_per_layer" in k)])
+    save_results(args.out, "layer_stream_ws_gpu", args, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
