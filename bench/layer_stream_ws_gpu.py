@@ -6,8 +6,8 @@ stage input and the tile's reduction. Here the work is split by warps: a one-war
 walks the program's weight tiles in consumption order — qkv, o, gate_up, down, then the next layer —
 and TMA-copies each [32, 256] tile into a ring of shared-memory slots (an mbarrier pair per slot),
 never waiting on a stage boundary, only on a free slot; the consumer warps reduce each tile against
-the stage input held in shared memory and write a partial per (row block, K chunk), so no tile waits
-on another. At a stage boundary only the consumers meet at a grid barrier (named CTA barrier, one
+the stage input held in shared memory, summing whole rows in registers (or, in a stage with fewer 32-row
+blocks than programs, writing a partial per K chunk that the next stage sums). At a stage boundary only the consumers meet at a grid barrier (named CTA barrier, one
 release arrival per program, acquire spin: CUTLASS's stream-K barrier), then sum the partials of the
 stage before into the next stage input. Values are not a model's (the next input is the raw sum of
 the previous outputs, no norm, attention or activation): this measures the stream and the barriers
@@ -56,76 +56,97 @@ def build_kernel():
     barrier_asm = gl.constexpr(BARRIER)
 
     @gluon.jit
-    def _loader_stage(desc, layer, N: gl.constexpr, K: gl.constexpr, it, bufs, ready, empty, PROGRAMS: gl.constexpr):
+    def _load_tile(desc, row, col, it, bufs, ready, empty):
         nbuf: gl.constexpr = bufs.type.shape[0]
+        slot = it % nbuf
+        mbarrier.wait(empty.index(slot), (it // nbuf & 1) ^ 1)  # slots start empty: the first wait passes
+        mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [row, col], ready.index(slot), bufs.index(slot))
+        return it + 1
+
+    @gluon.jit
+    def _loader_stage(desc, layer, N: gl.constexpr, K: gl.constexpr, SPLIT: gl.constexpr, it, bufs, ready, empty,
+                      PROGRAMS: gl.constexpr):
         chunks: gl.constexpr = K // 256
-        for t in range(gl.program_id(0), (N // 32) * chunks, PROGRAMS):
-            slot = it % nbuf
-            mbarrier.wait(empty.index(slot), (it // nbuf & 1) ^ 1)  # slots start empty: the first wait passes
-            mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc, [layer * N + (t // chunks) * 32, (t % chunks) * 256], ready.index(slot),
-                                            bufs.index(slot))
-            it += 1
+        if SPLIT:  # (row block, K chunk) tiles dealt round-robin
+            for t in range(gl.program_id(0), (N // 32) * chunks, PROGRAMS):
+                it = _load_tile(desc, layer * N + (t // chunks) * 32, (t % chunks) * 256, it, bufs, ready, empty)
+        else:  # whole row blocks dealt round-robin, their chunks in order
+            for rb in range(gl.program_id(0), N // 32, PROGRAMS):
+                for kc in range(chunks):
+                    it = _load_tile(desc, layer * N + rb * 32, kc * 256, it, bufs, ready, empty)
         return it
 
     @gluon.jit
     def loader(descs, bufs, ready, empty, LAYERS: gl.constexpr, NS: gl.constexpr, KS: gl.constexpr,
-               PROGRAMS: gl.constexpr):
+               SPLITS: gl.constexpr, PROGRAMS: gl.constexpr):
         d0, d1, d2, d3 = descs
         it = 0
         for layer in range(LAYERS):
-            it = _loader_stage(d0, layer, NS[0], KS[0], it, bufs, ready, empty, PROGRAMS)
-            it = _loader_stage(d1, layer, NS[1], KS[1], it, bufs, ready, empty, PROGRAMS)
-            it = _loader_stage(d2, layer, NS[2], KS[2], it, bufs, ready, empty, PROGRAMS)
-            it = _loader_stage(d3, layer, NS[3], KS[3], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d0, layer, NS[0], KS[0], SPLITS[0], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d1, layer, NS[1], KS[1], SPLITS[1], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d2, layer, NS[2], KS[2], SPLITS[2], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d3, layer, NS[3], KS[3], SPLITS[3], it, bufs, ready, empty, PROGRAMS)
 
     @gluon.jit
-    def _consume_stage(part_ptr, prev_ptr, count_ptr, g, N: gl.constexpr, K: gl.constexpr, PREV_CHUNKS: gl.constexpr,
-                       it, bufs, ready, empty, x_smem, PROGRAMS: gl.constexpr, THREADS: gl.constexpr,
-                       layout: gl.constexpr, x_layout: gl.constexpr):
+    def _consume_tile(it, bufs, ready, empty, x_smem, kc, layout: gl.constexpr):
+        """This tile's [32] partial dot products with chunk ``kc`` of the stage input; frees its slot."""
         nbuf: gl.constexpr = bufs.type.shape[0]
+        slot = it % nbuf
+        mbarrier.wait(ready.index(slot), it // nbuf & 1)
+        w = bufs.index(slot).load(layout)
+        fence_async_shared()  # order the shared load before the slot's next TMA write
+        mbarrier.arrive(empty.index(slot), count=1)
+        xc = x_smem.index(kc).load(gl.SliceLayout(0, layout))  # chunk kc of the stage input
+        return gl.sum(w.to(gl.float32) * xc.to(gl.float32)[None, :], axis=1)
+
+    @gluon.jit
+    def _consume_stage(part_ptr, prev_ptr, count_ptr, g, N: gl.constexpr, K: gl.constexpr, SPLIT: gl.constexpr,
+                       PREV_PARTS: gl.constexpr, it, bufs, ready, empty, x_smem, PROGRAMS: gl.constexpr,
+                       THREADS: gl.constexpr, layout: gl.constexpr, x_layout: gl.constexpr):
         chunks: gl.constexpr = K // 256
-        # every program has written its partials of the stage before: meet, then build this stage's input
+        # every program has written its outputs of the stage before: meet, then build this stage's input
         gl.inline_asm_elementwise(barrier_asm, "=r,l,r,r", [count_ptr, (g + 1) * PROGRAMS, THREADS], dtype=gl.int32,
                                   is_pure=False, pack=1)  # every program arrives at every stage start, the first included
         j = gl.arange(0, 256, layout=x_layout)
-        for c in gl.static_range(chunks):  # chunk c of this stage's input: the previous partials summed in a fixed order
+        for c in gl.static_range(chunks):  # chunk c of the input: the previous stage's parts summed in a fixed order
             x = gl.zeros([256], gl.float32, x_layout)
-            for p in gl.static_range(PREV_CHUNKS):
+            for p in gl.static_range(PREV_PARTS):
                 x += gl.load(prev_ptr + p * 16384 + c * 256 + j, cache_modifier=".cg")
             x_smem.index(c).store(x.to(gl.bfloat16))
         gl.thread_barrier()
         rows = gl.arange(0, 32, layout=gl.SliceLayout(1, layout))
-        for t in range(gl.program_id(0), (N // 32) * chunks, PROGRAMS):
-            slot = it % nbuf
-            mbarrier.wait(ready.index(slot), it // nbuf & 1)
-            w = bufs.index(slot).load(layout)
-            fence_async_shared()  # order the shared load before the slot's next TMA write
-            mbarrier.arrive(empty.index(slot), count=1)
-            kc = t % chunks
-            xc = x_smem.index(kc).load(gl.SliceLayout(0, layout))  # chunk kc of the stage input
-            partial = gl.sum(w.to(gl.float32) * xc.to(gl.float32)[None, :], axis=1)
-            gl.store(part_ptr + kc * 16384 + (t // chunks) * 32 + rows, partial)
-            it += 1
+        if SPLIT:  # one partial per (row block, chunk): part [chunk, N]
+            for t in range(gl.program_id(0), (N // 32) * chunks, PROGRAMS):
+                partial = _consume_tile(it, bufs, ready, empty, x_smem, t % chunks, layout)
+                gl.store(part_ptr + (t % chunks) * 16384 + (t // chunks) * 32 + rows, partial)
+                it += 1
+        else:  # whole rows: the sum over chunks stays in registers, one output per row (part [0, N])
+            for rb in range(gl.program_id(0), N // 32, PROGRAMS):
+                acc = gl.zeros([32], gl.float32, gl.SliceLayout(1, layout))
+                for kc in range(chunks):
+                    acc += _consume_tile(it, bufs, ready, empty, x_smem, kc, layout)
+                    it += 1
+                gl.store(part_ptr + rb * 32 + rows, acc)
         return it
 
     @gluon.jit
     def consumer(part_ptr, count_ptr, bufs, ready, empty, x_smem, LAYERS: gl.constexpr, NS: gl.constexpr,
-                 KS: gl.constexpr, PROGRAMS: gl.constexpr, THREADS: gl.constexpr, layout: gl.constexpr,
+                 KS: gl.constexpr, SPLITS: gl.constexpr, PARTS: gl.constexpr, PROGRAMS: gl.constexpr, THREADS: gl.constexpr, layout: gl.constexpr,
                  x_layout: gl.constexpr):
         # partial slots: stage s writes part_ptr + s * 32 * 16384 ([chunks, 16384] fp32); stage s reads stage s - 1's
         P: gl.constexpr = 32 * 16384
         it = 0
         for layer in range(LAYERS):
             g = layer * 4
-            it = _consume_stage(part_ptr, part_ptr + 3 * P, count_ptr, g, NS[0], KS[0], KS[3] // 256, it, bufs, ready,
-                                empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
-            it = _consume_stage(part_ptr + P, part_ptr, count_ptr, g + 1, NS[1], KS[1], KS[0] // 256, it, bufs, ready,
-                                empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
-            it = _consume_stage(part_ptr + 2 * P, part_ptr + P, count_ptr, g + 2, NS[2], KS[2], KS[1] // 256, it, bufs,
+            it = _consume_stage(part_ptr, part_ptr + 3 * P, count_ptr, g, NS[0], KS[0], SPLITS[0], PARTS[3], it, bufs,
                                 ready, empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
-            it = _consume_stage(part_ptr + 3 * P, part_ptr + 2 * P, count_ptr, g + 3, NS[3], KS[3], KS[2] // 256, it,
+            it = _consume_stage(part_ptr + P, part_ptr, count_ptr, g + 1, NS[1], KS[1], SPLITS[1], PARTS[0], it, bufs,
+                                ready, empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
+            it = _consume_stage(part_ptr + 2 * P, part_ptr + P, count_ptr, g + 2, NS[2], KS[2], SPLITS[2], PARTS[1], it,
                                 bufs, ready, empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
+            it = _consume_stage(part_ptr + 3 * P, part_ptr + 2 * P, count_ptr, g + 3, NS[3], KS[3], SPLITS[3], PARTS[2],
+                                it, bufs, ready, empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
         # the last program out resets the counters for graph replays (every program is past every wait)
         if gl.atomic_add(count_ptr + 1, 1) == PROGRAMS - 1:
             gl.atomic_xchg(count_ptr, 0)
@@ -133,7 +154,7 @@ def build_kernel():
 
     @gluon.jit
     def layer_stream_ws_kernel(d0, d1, d2, d3, part_ptr, count_ptr, LAYERS: gl.constexpr, NS: gl.constexpr,
-                               KS: gl.constexpr, PROGRAMS: gl.constexpr, NBUF: gl.constexpr, num_warps: gl.constexpr):
+                               KS: gl.constexpr, SPLITS: gl.constexpr, PARTS: gl.constexpr, PROGRAMS: gl.constexpr, NBUF: gl.constexpr, num_warps: gl.constexpr):
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
         x_layout: gl.constexpr = gl.BlockedLayout([2], [32], [num_warps], [0])
         bufs = gl.allocate_shared_memory(d0.dtype, [NBUF] + d0.block_type.shape, d0.layout)
@@ -145,9 +166,9 @@ def build_kernel():
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (consumer, (part_ptr, count_ptr, bufs, ready, empty, x_smem, LAYERS, NS, KS, PROGRAMS, num_warps * 32, layout,
-                        x_layout)),
-            (loader, ((d0, d1, d2, d3), bufs, ready, empty, LAYERS, NS, KS, PROGRAMS)),
+            (consumer, (part_ptr, count_ptr, bufs, ready, empty, x_smem, LAYERS, NS, KS, SPLITS, PARTS, PROGRAMS,
+                        num_warps * 32, layout, x_layout)),
+            (loader, ((d0, d1, d2, d3), bufs, ready, empty, LAYERS, NS, KS, SPLITS, PROGRAMS)),
         ], [1], [24])
 
     return layer_stream_ws_kernel
@@ -164,6 +185,7 @@ def main() -> int:
     p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--shapes", type=csv_list, default=list(SHAPES))
     p.add_argument("--buffers", type=csv_list, default=["6", "10"], help="shared-memory ring slots (16 KB each)")
+    p.add_argument("--warps", type=csv_list, default=["4", "8"], help="consumer warps")
     args = p.parse_args()
     from engine.kernels import set_pdl
     from engine.kernels.gemv import Workspace, gemv, whole_slice_configs
@@ -201,12 +223,15 @@ def main() -> int:
         descs = [TensorDescriptor.from_tensor(w, [BN, BK], tile_layout()) for w in stage_w]
         part = torch.zeros(4 * 32 * 16384, dtype=torch.float32, device=dev)
         count = torch.zeros(2, dtype=torch.int32, device=dev)
-        for nbuf in map(int, args.buffers):
-            name = f"warp-specialized {nbuf} slots"
+        # a stage with fewer 32-row blocks than programs splits K too (one partial per chunk, summed by the next stage)
+        splits = tuple(n // BN < 0.9 * sms for n, _ in dims)
+        parts = tuple(k // BK if split else 1 for (_, k), split in zip(dims, splits))
+        for nbuf, warps in ((int(b), int(w)) for b in args.buffers for w in args.warps):
+            name = f"warp-specialized {nbuf} slots {warps} warps"
             try:
                 def run():
                     kernel[(sms,)](*descs, part, count, LAYERS=layers, NS=tuple(n for n, _ in dims), KS=tuple(k for _, k in dims),
-                                   PROGRAMS=sms, NBUF=nbuf, num_warps=4)
+                                   SPLITS=splits, PARTS=parts, PROGRAMS=sms, NBUF=nbuf, num_warps=warps)
                 us = graph_us(run)
             except Exception as e:  # report, go on
                 print(f"  {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
