@@ -56,52 +56,53 @@ def build_kernel():
     barrier_asm = gl.constexpr(BARRIER)
 
     @gluon.jit
-    def _load_tile(desc, row, col, it, bufs, ready, empty):
+    def _load_tile(desc, row, col, it, bufs, ready, empty, BN: gl.constexpr):
         nbuf: gl.constexpr = bufs.type.shape[0]
         slot = it % nbuf
         mbarrier.wait(empty.index(slot), (it // nbuf & 1) ^ 1)  # slots start empty: the first wait passes
         mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc, [row, col], ready.index(slot), bufs.index(slot))
+        tma.async_copy_global_to_shared(desc, [row, col], ready.index(slot), bufs.index(slot).slice(0, BN))
         return it + 1
 
     @gluon.jit
-    def _loader_stage(desc, layer, N: gl.constexpr, K: gl.constexpr, SPLIT: gl.constexpr, it, bufs, ready, empty,
-                      PROGRAMS: gl.constexpr):
+    def _loader_stage(desc, layer, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr, it, bufs,
+                      ready, empty, PROGRAMS: gl.constexpr):
         chunks: gl.constexpr = K // 256
         if SPLIT:  # (row block, K chunk) tiles dealt round-robin
-            for t in range(gl.program_id(0), (N // 32) * chunks, PROGRAMS):
-                it = _load_tile(desc, layer * N + (t // chunks) * 32, (t % chunks) * 256, it, bufs, ready, empty)
+            for t in range(gl.program_id(0), (N // BN) * chunks, PROGRAMS):
+                it = _load_tile(desc, layer * N + (t // chunks) * BN, (t % chunks) * 256, it, bufs, ready, empty, BN)
         else:  # whole row blocks dealt round-robin, their chunks in order
-            for rb in range(gl.program_id(0), N // 32, PROGRAMS):
+            for rb in range(gl.program_id(0), N // BN, PROGRAMS):
                 for kc in range(chunks):
-                    it = _load_tile(desc, layer * N + rb * 32, kc * 256, it, bufs, ready, empty)
+                    it = _load_tile(desc, layer * N + rb * BN, kc * 256, it, bufs, ready, empty, BN)
         return it
 
     @gluon.jit
     def loader(descs, bufs, ready, empty, LAYERS: gl.constexpr, NS: gl.constexpr, KS: gl.constexpr,
-               SPLITS: gl.constexpr, PROGRAMS: gl.constexpr):
+               BNS: gl.constexpr, SPLITS: gl.constexpr, PROGRAMS: gl.constexpr):
         d0, d1, d2, d3 = descs
         it = 0
         for layer in range(LAYERS):
-            it = _loader_stage(d0, layer, NS[0], KS[0], SPLITS[0], it, bufs, ready, empty, PROGRAMS)
-            it = _loader_stage(d1, layer, NS[1], KS[1], SPLITS[1], it, bufs, ready, empty, PROGRAMS)
-            it = _loader_stage(d2, layer, NS[2], KS[2], SPLITS[2], it, bufs, ready, empty, PROGRAMS)
-            it = _loader_stage(d3, layer, NS[3], KS[3], SPLITS[3], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d0, layer, NS[0], KS[0], BNS[0], SPLITS[0], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d1, layer, NS[1], KS[1], BNS[1], SPLITS[1], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d2, layer, NS[2], KS[2], BNS[2], SPLITS[2], it, bufs, ready, empty, PROGRAMS)
+            it = _loader_stage(d3, layer, NS[3], KS[3], BNS[3], SPLITS[3], it, bufs, ready, empty, PROGRAMS)
 
     @gluon.jit
-    def _consume_tile(it, bufs, ready, empty, x_smem, kc, layout: gl.constexpr):
-        """This tile's [32] partial dot products with chunk ``kc`` of the stage input; frees its slot."""
+    def _consume_tile(it, bufs, ready, empty, x_smem, kc, BN: gl.constexpr, layout: gl.constexpr):
+        """This tile's [BN] partial dot products with chunk ``kc`` of the stage input; frees its slot."""
         nbuf: gl.constexpr = bufs.type.shape[0]
         slot = it % nbuf
         mbarrier.wait(ready.index(slot), it // nbuf & 1)
-        w = bufs.index(slot).load(layout)
+        w = bufs.index(slot).slice(0, BN).load(layout)
         fence_async_shared()  # order the shared load before the slot's next TMA write
         mbarrier.arrive(empty.index(slot), count=1)
         xc = x_smem.index(kc).load(gl.SliceLayout(0, layout))  # chunk kc of the stage input
         return gl.sum(w.to(gl.float32) * xc.to(gl.float32)[None, :], axis=1)
 
     @gluon.jit
-    def _consume_stage(part_ptr, prev_ptr, count_ptr, g, N: gl.constexpr, K: gl.constexpr, SPLIT: gl.constexpr,
+    def _consume_stage(part_ptr, prev_ptr, count_ptr, g, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr,
+                       SPLIT: gl.constexpr,
                        PREV_PARTS: gl.constexpr, it, bufs, ready, empty, x_smem, PROGRAMS: gl.constexpr,
                        THREADS: gl.constexpr, layout: gl.constexpr, x_layout: gl.constexpr):
         chunks: gl.constexpr = K // 256
@@ -115,37 +116,37 @@ def build_kernel():
                 x += gl.load(prev_ptr + p * 16384 + c * 256 + j, cache_modifier=".cg")
             x_smem.index(c).store(x.to(gl.bfloat16))
         gl.thread_barrier()
-        rows = gl.arange(0, 32, layout=gl.SliceLayout(1, layout))
+        rows = gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
         if SPLIT:  # one partial per (row block, chunk): part [chunk, N]
-            for t in range(gl.program_id(0), (N // 32) * chunks, PROGRAMS):
-                partial = _consume_tile(it, bufs, ready, empty, x_smem, t % chunks, layout)
-                gl.store(part_ptr + (t % chunks) * 16384 + (t // chunks) * 32 + rows, partial)
+            for t in range(gl.program_id(0), (N // BN) * chunks, PROGRAMS):
+                partial = _consume_tile(it, bufs, ready, empty, x_smem, t % chunks, BN, layout)
+                gl.store(part_ptr + (t % chunks) * 16384 + (t // chunks) * BN + rows, partial)
                 it += 1
         else:  # whole rows: the sum over chunks stays in registers, one output per row (part [0, N])
-            for rb in range(gl.program_id(0), N // 32, PROGRAMS):
-                acc = gl.zeros([32], gl.float32, gl.SliceLayout(1, layout))
+            for rb in range(gl.program_id(0), N // BN, PROGRAMS):
+                acc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, layout))
                 for kc in range(chunks):
-                    acc += _consume_tile(it, bufs, ready, empty, x_smem, kc, layout)
+                    acc += _consume_tile(it, bufs, ready, empty, x_smem, kc, BN, layout)
                     it += 1
-                gl.store(part_ptr + rb * 32 + rows, acc)
+                gl.store(part_ptr + rb * BN + rows, acc)
         return it
 
     @gluon.jit
     def consumer(part_ptr, count_ptr, bufs, ready, empty, x_smem, LAYERS: gl.constexpr, NS: gl.constexpr,
-                 KS: gl.constexpr, SPLITS: gl.constexpr, PARTS: gl.constexpr, PROGRAMS: gl.constexpr, THREADS: gl.constexpr, layout: gl.constexpr,
+                 KS: gl.constexpr, BNS: gl.constexpr, SPLITS: gl.constexpr, PARTS: gl.constexpr, PROGRAMS: gl.constexpr, THREADS: gl.constexpr, layout: gl.constexpr,
                  x_layout: gl.constexpr):
         # partial slots: stage s writes part_ptr + s * 32 * 16384 ([chunks, 16384] fp32); stage s reads stage s - 1's
         P: gl.constexpr = 32 * 16384
         it = 0
         for layer in range(LAYERS):
             g = layer * 4
-            it = _consume_stage(part_ptr, part_ptr + 3 * P, count_ptr, g, NS[0], KS[0], SPLITS[0], PARTS[3], it, bufs,
+            it = _consume_stage(part_ptr, part_ptr + 3 * P, count_ptr, g, NS[0], KS[0], BNS[0], SPLITS[0], PARTS[3], it, bufs,
                                 ready, empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
-            it = _consume_stage(part_ptr + P, part_ptr, count_ptr, g + 1, NS[1], KS[1], SPLITS[1], PARTS[0], it, bufs,
+            it = _consume_stage(part_ptr + P, part_ptr, count_ptr, g + 1, NS[1], KS[1], BNS[1], SPLITS[1], PARTS[0], it, bufs,
                                 ready, empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
-            it = _consume_stage(part_ptr + 2 * P, part_ptr + P, count_ptr, g + 2, NS[2], KS[2], SPLITS[2], PARTS[1], it,
+            it = _consume_stage(part_ptr + 2 * P, part_ptr + P, count_ptr, g + 2, NS[2], KS[2], BNS[2], SPLITS[2], PARTS[1], it,
                                 bufs, ready, empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
-            it = _consume_stage(part_ptr + 3 * P, part_ptr + 2 * P, count_ptr, g + 3, NS[3], KS[3], SPLITS[3], PARTS[2],
+            it = _consume_stage(part_ptr + 3 * P, part_ptr + 2 * P, count_ptr, g + 3, NS[3], KS[3], BNS[3], SPLITS[3], PARTS[2],
                                 it, bufs, ready, empty, x_smem, PROGRAMS, THREADS, layout, x_layout)
         # the last program out resets the counters for graph replays (every program is past every wait)
         if gl.atomic_add(count_ptr + 1, 1) == PROGRAMS - 1:
@@ -154,10 +155,10 @@ def build_kernel():
 
     @gluon.jit
     def layer_stream_ws_kernel(d0, d1, d2, d3, part_ptr, count_ptr, LAYERS: gl.constexpr, NS: gl.constexpr,
-                               KS: gl.constexpr, SPLITS: gl.constexpr, PARTS: gl.constexpr, PROGRAMS: gl.constexpr, NBUF: gl.constexpr, num_warps: gl.constexpr):
+                               KS: gl.constexpr, BNS: gl.constexpr, SPLITS: gl.constexpr, PARTS: gl.constexpr, PROGRAMS: gl.constexpr, NBUF: gl.constexpr, num_warps: gl.constexpr):
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
         x_layout: gl.constexpr = gl.BlockedLayout([2], [32], [num_warps], [0])
-        bufs = gl.allocate_shared_memory(d0.dtype, [NBUF] + d0.block_type.shape, d0.layout)
+        bufs = gl.allocate_shared_memory(gl.bfloat16, [NBUF, 32, 256], d0.layout)  # a stage with BN < 32 fills the first rows
         # [chunk, 256]; a rank-1 layout (one less than the shape) so that .index(chunk) is a plain vector
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [32, 256], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -166,9 +167,9 @@ def build_kernel():
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (consumer, (part_ptr, count_ptr, bufs, ready, empty, x_smem, LAYERS, NS, KS, SPLITS, PARTS, PROGRAMS,
+            (consumer, (part_ptr, count_ptr, bufs, ready, empty, x_smem, LAYERS, NS, KS, BNS, SPLITS, PARTS, PROGRAMS,
                         num_warps * 32, layout, x_layout)),
-            (loader, ((d0, d1, d2, d3), bufs, ready, empty, LAYERS, NS, KS, SPLITS, PROGRAMS)),
+            (loader, ((d0, d1, d2, d3), bufs, ready, empty, LAYERS, NS, KS, BNS, SPLITS, PROGRAMS)),
         ], [1], [24])
 
     return layer_stream_ws_kernel
@@ -220,18 +221,21 @@ def main() -> int:
         chain = graph_us(lambda: [gemv(xin[v.shape[1]], v, None, best[tuple(v.shape)], ws) for v in views])
         row["gemv_chain_us_per_layer"] = chain / layers
         print(f"{shape}: roofline {roofline_us / layers:.2f} us/layer, GEMV chain {chain / layers:.2f}", flush=True)
-        descs = [TensorDescriptor.from_tensor(w, [BN, BK], tile_layout()) for w in stage_w]
+        # rows per tile: 32, or fewer where a stage would have fewer row blocks than ~programs; where even 8 rows
+        # leave programs idle, the stage splits K too (one partial per chunk, summed by the next stage)
+        bns = tuple(next((b for b in (32, 16, 8) if n // b >= 0.9 * sms), 8) for n, _ in dims)
+        descs = [TensorDescriptor.from_tensor(w, [bn, BK], tile_layout()) for w, bn in zip(stage_w, bns)]
         part = torch.zeros(4 * 32 * 16384, dtype=torch.float32, device=dev)
         count = torch.zeros(2, dtype=torch.int32, device=dev)
-        # a stage with fewer 32-row blocks than programs splits K too (one partial per chunk, summed by the next stage)
-        splits = tuple(n // BN < 0.9 * sms for n, _ in dims)
+        splits = tuple(n // bn < 0.9 * sms for (n, _), bn in zip(dims, bns))
+        row["rows_per_tile"], row["split_k"] = list(bns), list(splits)
         parts = tuple(k // BK if split else 1 for (_, k), split in zip(dims, splits))
         for nbuf, warps in ((int(b), int(w)) for b in args.buffers for w in args.warps):
             name = f"warp-specialized {nbuf} slots {warps} warps"
             try:
                 def run():
                     kernel[(sms,)](*descs, part, count, LAYERS=layers, NS=tuple(n for n, _ in dims), KS=tuple(k for _, k in dims),
-                                   SPLITS=splits, PARTS=parts, PROGRAMS=sms, NBUF=nbuf, num_warps=warps)
+                                   BNS=bns, SPLITS=splits, PARTS=parts, PROGRAMS=sms, NBUF=nbuf, num_warps=warps)
                 us = graph_us(run)
             except Exception as e:  # report, go on
                 print(f"  {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
