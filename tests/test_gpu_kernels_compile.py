@@ -102,3 +102,33 @@ def test_prefill_and_combine_kernels_compile():
                        dict(NUM_KV_HEADS=8, GROUP=2, GROUP_P2=2, HEAD_DIM=128, NUM_SPLITS=16, SPLIT_TILE=16, BLOCK_N=64,
                             USE_PDL=True))
 
+
+
+def test_bench_stream_prototypes_compile():
+    """The two persistent-stream prototypes of bench/ (session 8) still compile for sm_90: the Triton one
+    software-pipelined (``cp.async`` across its inline-PTX grid barrier), the Gluon one warp-specialized
+    (TMA copies, mbarriers, register reallocation between partitions)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.layer_stream_gpu import BK, build_kernel as build_pipelined
+    from bench.layer_stream_ws_gpu import build_kernel as build_ws, tile_layout
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    dims = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]  # Qwen3-0.6B: qkv, o, gate_up, down
+    shape = dict(zip(("N0", "N1", "N2", "N3"), (n for n, _ in dims))) | dict(zip(("K0", "K1", "K2", "K3"), (k for _, k in dims)))
+    ptx = compile_for_hopper(build_pipelined(), dict(w_ptr=BF16, x_ptr=BF16, count_ptr=I32),
+                             dict(shape, LAYERS=2, BN=8, BK=BK, PROGRAMS=132, STAGES=4), num_warps=8)
+    assert "cp.async.cg.shared.global" in ptx and "red.release.gpu.global.add" in ptx
+
+    bns = (32, 8, 32, 8)
+    const = dict(LAYERS=2, NS=tuple(n for n, _ in dims), KS=tuple(k for _, k in dims), BNS=bns, SPLITS=(False,) * 4,
+                 PARTS=(1,) * 4, PROGRAMS=132, NBUF=8, num_warps=4)
+    signature = {f"d{i}": f"tensordesc<bf16[{bn}, 256],{tile_layout()!r}>" for i, bn in enumerate(bns)}
+    signature |= {"part_ptr": "*fp32", "count_ptr": "*i32"} | {name: "constexpr" for name in const}
+    kernel = triton.compile(GluonASTSource(fn=build_ws(), signature=signature, constexprs=const,
+                                           attrs={(4,): [["tt.divisibility", 16]], (5,): [["tt.divisibility", 16]]}),
+                            target=HOPPER, options={"num_warps": 4})
+    ptx = kernel.asm["ptx"]
+    assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx and "setmaxnreg" in ptx
