@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from trainer.config import ConfigError
-from trainer.models import EMBEDDED_MODELS, resolve_model_path
+from trainer.models import EMBEDDED_MODELS, exact_4bit_cpu_forward, resolve_model_path
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -130,7 +130,9 @@ def _nf4_base(src: Source):
         load_in_4bit=True, bnb_4bit_quant_type=q.get("quant_type", "nf4"), bnb_4bit_use_double_quant=q.get("double_quant", True),
         bnb_4bit_compute_dtype=_DTYPES[q.get("compute_dtype", "fp32") if torch.cuda.is_available() else "fp32"],
     )
-    return _load_base(src.base_dir, torch.float32, quantization_config=bnb, device_map={"": "cpu"})
+    model = _load_base(src.base_dir, torch.float32, quantization_config=bnb, device_map={"": "cpu"})
+    exact_4bit_cpu_forward(model)  # the reference is the training forward: dequantize + fp32 matmul
+    return model
 
 
 def reference_model(src: Source):

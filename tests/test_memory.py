@@ -215,3 +215,23 @@ def test_model_state_rows_equal_real_tensors_after_a_step(arch, lora):
     assert rows["optimizer: Adam states"] == nbytes(states)
     if lora:
         assert rows["frozen base weights"] == nbytes(p for p in model.parameters() if not p.requires_grad)
+
+
+def test_nf4_eval_forward_is_the_training_forward():
+    """A QLoRA model's eval forward computes what its training forward does — dequantize, then an fp32
+    matmul — on every CPU: bitsandbytes' AVX512-BF16 fused kernel (bf16 activations) stays off."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    from trainer.models import build_model
+
+    cfg = _cfg(device="cpu", precision="fp32", lora__enabled=False, quant__load_in_4bit=True, model__init="random",
+               model__hidden_size=128, model__num_layers=1, model__num_heads=4, model__num_kv_heads=2,
+               model__intermediate_size=256, model__vocab_size=64)
+    model = build_model(cfg).eval()
+    layer = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        expected = x @ bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().T
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # the second call too (no repacking)

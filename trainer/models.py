@@ -183,6 +183,8 @@ def build_model(cfg: Config, device: str | torch.device = "cpu"):
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.path), config=hf_cfg, **kwargs)
     if cfg.model.init == "random" and cfg.quant.load_in_4bit:
         model = quantize_model_nf4(model, cfg)
+    if cfg.quant.load_in_4bit:
+        exact_4bit_cpu_forward(model)
     model.to(device)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
@@ -243,6 +245,19 @@ def quantize_model_nf4(model, cfg: Config):
                 setattr(module, child_name, new)
     model.is_loaded_in_4bit = True
     return model
+
+
+def exact_4bit_cpu_forward(model) -> None:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on the dequantize + matmul path on CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48+) repacks a ``Linear4bit``'s weights the first time it
+    runs in eval mode without grad and from then on computes in bf16 (activations and scales cast down).
+    A QLoRA model's validation forward would then round differently from its training forward, and a run
+    would give different numbers on different CPUs. The layer reads ``support_avx512bf16_for_cpu`` at
+    every forward; clearing it keeps one numeric path (GPUs are unaffected)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_lora(model, cfg: Config):
