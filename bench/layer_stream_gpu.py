@@ -130,6 +130,39 @@ def graph_us(fn, reps: int = 5) -> float:
     return best
 
 
+def copy_bandwidth(dev) -> float:
+    """Device copy bandwidth, bytes read + written per second (256 MB, from a CUDA graph)."""
+    import torch
+
+    src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (graph_us(lambda: dst.copy_(src)) * 1e-6)
+
+
+def gemv_chain_us(views: list, extra_configs=()) -> tuple[float, dict]:
+    """The engine's batch-1 path over ``views`` (each layer's [N, K] projections, in step order): one GEMV
+    kernel per projection with PDL, each shape with its fastest whole-slice row config (timed over that
+    shape's matrices). Returns (µs for the whole chain, {(N, K): config})."""
+    import torch
+
+    from engine.kernels import set_pdl
+    from engine.kernels.gemv import Workspace, gemv, whole_slice_configs
+
+    set_pdl(True)
+    dev = views[0].device
+    ws, best = Workspace(dev), {}
+    for n, k in dict.fromkeys(tuple(v.shape) for v in views):
+        xs = torch.randn(1, k, device=dev).bfloat16()
+        mats = [v for v in views if tuple(v.shape) == (n, k)]
+        timed = []
+        for cfg in whole_slice_configs(k) + [c(k) for c in extra_configs]:
+            ws.reserve(n, cfg)
+            timed.append((graph_us(lambda: [gemv(xs, m, None, cfg, ws) for m in mats]) / len(mats), cfg))
+        best[(n, k)] = min(timed, key=lambda t: t[0])[1]
+    xin = {k: torch.randn(1, k, device=dev).bfloat16() for _, k in best}
+    return graph_us(lambda: [gemv(xin[v.shape[1]], v, None, best[tuple(v.shape)], ws) for v in views]), best
+
+
 def main() -> int:
     import torch
 
@@ -138,16 +171,12 @@ def main() -> int:
     p.add_argument("--stages", type=csv_list, default=["3", "5"], help="software-pipeline depths to time")
     p.add_argument("--block-n", type=csv_list, default=["4", "8"], help="rows per tile")
     args = p.parse_args()
-    from engine.kernels.gemv import GemvConfig, Workspace, gemv, whole_slice_configs
-    from engine.kernels import set_pdl
+    from engine.kernels.gemv import GemvConfig
 
-    set_pdl(True)
     kernel = build_kernel()
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() / (graph_us(lambda: dst.copy_(src)) * 1e-6)  # bytes read + written per second
+    copy_bw = copy_bandwidth(dev)
     rows = []
     for shape in args.shapes:
         hidden, qkv, q_size, inter, layers = SHAPES[shape]
@@ -160,24 +189,12 @@ def main() -> int:
         roofline_us = nbytes / copy_bw * 1e6
         row = {"shape": shape, "weights_mb": nbytes / 1e6, "roofline_us_per_layer": roofline_us / layers,
                "copy_bw_gb_s": copy_bw / 1e9}
-        # the engine's chain: one GEMV per projection, the best whole-slice row config per projection (PDL)
         views, offset = [], 0
         for layer in range(layers):
             for n, k in dims:
                 views.append(w[offset:offset + n * k].view(n, k))
                 offset += n * k
-        ws = Workspace(dev)
-        best_cfg = {}
-        for n, k in dims:
-            xs = torch.randn(1, k, device=dev).bfloat16()
-            timed = []
-            for cfg in whole_slice_configs(k) + [GemvConfig(1, 8, 512, max(1, k // 512), 4, 1)]:
-                ws.reserve(n, cfg)
-                mats = [v for v in views if v.shape == (n, k)]
-                timed.append((graph_us(lambda: [gemv(xs, m, None, cfg, ws) for m in mats]) / len(mats), cfg))
-            best_cfg[(n, k)] = min(timed, key=lambda t: t[0])[1]
-        xin = {k: torch.randn(1, k, device=dev).bfloat16() for _, k in dims}
-        chain = graph_us(lambda: [gemv(xin[v.shape[1]], v, None, best_cfg[tuple(v.shape)], ws) for v in views])
+        chain, best_cfg = gemv_chain_us(views, [lambda k: GemvConfig(1, 8, 512, max(1, k // 512), 4, 1)])
         row["gemv_chain_us_per_layer"] = chain / layers
         row["gemv_chain_x_roofline"] = chain / roofline_us
         print(f"{shape}: roofline {roofline_us / layers:.2f} us/layer, GEMV chain {chain / layers:.2f} us/layer "

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import bench_parser, csv_list, print_table, save_results  # noqa: E402
-from bench.layer_stream_gpu import SHAPES, graph_us  # noqa: E402
+from bench.layer_stream_gpu import SHAPES, copy_bandwidth, gemv_chain_us, graph_us  # noqa: E402
 
 # module level: the partitions' constexpr annotations are resolved in this module's globals
 from triton.experimental import gluon  # noqa: E402
@@ -188,16 +188,10 @@ def main() -> int:
     p.add_argument("--buffers", type=csv_list, default=["6", "10"], help="shared-memory ring slots (16 KB each)")
     p.add_argument("--warps", type=csv_list, default=["4", "8"], help="consumer warps")
     args = p.parse_args()
-    from engine.kernels import set_pdl
-    from engine.kernels.gemv import Workspace, gemv, whole_slice_configs
-
-    set_pdl(True)
     kernel = build_kernel()
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() / (graph_us(lambda: dst.copy_(src)) * 1e-6)
+    copy_bw = copy_bandwidth(dev)
     rows = []
     for shape in args.shapes:
         hidden, qkv, q_size, inter, layers = SHAPES[shape]
@@ -206,19 +200,8 @@ def main() -> int:
         nbytes = sum(w.numel() * 2 for w in stage_w)
         roofline_us = nbytes / copy_bw * 1e6
         row = {"shape": shape, "weights_mb": nbytes / 1e6, "roofline_us_per_layer": roofline_us / layers}
-        # the engine's chain over the same weights: best whole-slice row config per projection, PDL
-        views = [w[l * n:(l + 1) * n] for l in range(layers) for w, (n, k) in zip(stage_w, dims)]
-        ws, best = Workspace(dev), {}
-        for n, k in dims:
-            xs = torch.randn(1, k, device=dev).bfloat16()
-            mats = [v for v in views if tuple(v.shape) == (n, k)]
-            timed = []
-            for cfg in whole_slice_configs(k):
-                ws.reserve(n, cfg)
-                timed.append((graph_us(lambda: [gemv(xs, m, None, cfg, ws) for m in mats]), cfg))
-            best[(n, k)] = min(timed, key=lambda t: t[0])[1]
-        xin = {k: torch.randn(1, k, device=dev).bfloat16() for _, k in dims}
-        chain = graph_us(lambda: [gemv(xin[v.shape[1]], v, None, best[tuple(v.shape)], ws) for v in views])
+        views = [w[l * n:(l + 1) * n] for l in range(layers) for w, (n, k) in zip(stage_w, dims)]  # step order
+        chain, _ = gemv_chain_us(views)
         row["gemv_chain_us_per_layer"] = chain / layers
         print(f"{shape}: roofline {roofline_us / layers:.2f} us/layer, GEMV chain {chain / layers:.2f}", flush=True)
         # rows per tile: 32, or fewer where a stage would have fewer row blocks than ~programs; where even 8 rows
