@@ -130,6 +130,20 @@ def graph_us(fn, reps: int = 5) -> float:
     return best
 
 
+def projection_dims(shape: str) -> tuple[list[tuple[int, int]], int]:
+    """([N, K] of qkv, o, gate_up, down], layers) of a benched shape."""
+    hidden, qkv, q_size, inter, layers = SHAPES[shape]
+    return [(qkv, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter)], layers
+
+
+def device_setup():
+    """(device, SM count, copy bandwidth in bytes per second) of the GPU."""
+    import torch
+
+    dev = torch.device("cuda")
+    return dev, torch.cuda.get_device_properties(dev).multi_processor_count, copy_bandwidth(dev)
+
+
 def copy_bandwidth(dev) -> float:
     """Device copy bandwidth, bytes read + written per second (256 MB, from a CUDA graph)."""
     import torch
@@ -174,13 +188,10 @@ def main() -> int:
     from engine.kernels.gemv import GemvConfig
 
     kernel = build_kernel()
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    copy_bw = copy_bandwidth(dev)
+    dev, sms, copy_bw = device_setup()
     rows = []
     for shape in args.shapes:
-        hidden, qkv, q_size, inter, layers = SHAPES[shape]
-        dims = [(qkv, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter)]
+        dims, layers = projection_dims(shape)
         per_layer = sum(n * k for n, k in dims)
         w = (torch.randn(layers * per_layer, device=dev) * 0.02).bfloat16()
         x = torch.randn(4 * 16384, device=dev).bfloat16()

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import bench_parser, csv_list, print_table, save_results  # noqa: E402
-from bench.layer_stream_gpu import SHAPES, copy_bandwidth, gemv_chain_us, graph_us  # noqa: E402
+from bench.layer_stream_gpu import SHAPES, device_setup, gemv_chain_us, graph_us, projection_dims  # noqa: E402
 
 # module level: the partitions' constexpr annotations are resolved in this module's globals
 from triton.experimental import gluon  # noqa: E402
@@ -189,13 +189,10 @@ def main() -> int:
     p.add_argument("--warps", type=csv_list, default=["4", "8"], help="consumer warps")
     args = p.parse_args()
     kernel = build_kernel()
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    copy_bw = copy_bandwidth(dev)
+    dev, sms, copy_bw = device_setup()
     rows = []
     for shape in args.shapes:
-        hidden, qkv, q_size, inter, layers = SHAPES[shape]
-        dims = [(qkv, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter)]
+        dims, layers = projection_dims(shape)
         stage_w = [(torch.randn(layers * n, k, device=dev) * 0.02).bfloat16() for n, k in dims]  # stage-major: [L * N, K]
         nbytes = sum(w.numel() * 2 for w in stage_w)
         roofline_us = nbytes / copy_bw * 1e6
