@@ -177,6 +177,43 @@ def gemv_chain_us(views: list, extra_configs=()) -> tuple[float, dict]:
     return graph_us(lambda: [gemv(xin[v.shape[1]], v, None, best[tuple(v.shape)], ws) for v in views]), best
 
 
+def baseline_row(shape: str, layers: int, views: list, copy_bw: float, extra_configs=()) -> tuple[dict, float]:
+    """What every variant of ``shape`` is compared with, in one row: the weights' copy roofline and the
+    engine's GEMV chain over ``views`` (the layers' projections in step order), per layer. Returns
+    (row, roofline µs of the whole stream)."""
+    nbytes = sum(v.numel() * v.element_size() for v in views)
+    roofline_us = nbytes / copy_bw * 1e6
+    chain, best = gemv_chain_us(views, extra_configs)
+    row = {"shape": shape, "weights_mb": nbytes / 1e6, "copy_bw_gb_s": copy_bw / 1e9, "roofline_us_per_layer": roofline_us / layers,
+           "gemv_chain_us_per_layer": chain / layers, "gemv_chain_x_roofline": chain / roofline_us}
+    print(f"{shape}: roofline {roofline_us / layers:.2f} us/layer, GEMV chain {chain / layers:.2f} us/layer "
+          f"({', '.join(str(c) for c in best.values())})", flush=True)
+    return row, roofline_us
+
+
+def time_variant(row: dict, name: str, launch, layers: int, roofline_us: float, state=lambda: "") -> None:
+    """Time ``launch`` (one whole stream) from a CUDA graph into ``row`` as ``<name> us_per_layer`` and
+    ``<name> x_roofline``; a variant the compiler or the launch rejects is reported and recorded, not fatal.
+    ``state()``: what to print after the time (e.g. the barrier counters, back at zero)."""
+    try:
+        us = graph_us(launch)
+    except Exception as e:
+        print(f"  {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        row[f"{name} error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return
+    row[f"{name} us_per_layer"] = us / layers
+    row[f"{name} x_roofline"] = us / roofline_us
+    print(f"  {name}: {us / layers:.2f} us/layer = {us / roofline_us:.2f}x roofline {state()}", flush=True)
+
+
+def report(rows: list[dict], title: str, name: str, args) -> None:
+    """The µs-per-layer table of every shape and variant, and the JSON."""
+    columns = list(dict.fromkeys(k for r in rows for k in r if "us_per_layer" in k))
+    print_table(title, [{"shape": r["shape"], **{k: r[k] for k in columns if k in r}} for r in rows],
+                [("shape", "shape")] + [(k, k.replace(" us_per_layer", "").replace("_us_per_layer", "")) for k in columns])
+    save_results(args.out, name, args, rows)
+
+
 def main() -> int:
     import torch
 
@@ -192,45 +229,26 @@ def main() -> int:
     rows = []
     for shape in args.shapes:
         dims, layers = projection_dims(shape)
-        per_layer = sum(n * k for n, k in dims)
-        w = (torch.randn(layers * per_layer, device=dev) * 0.02).bfloat16()
+        w = (torch.randn(layers * sum(n * k for n, k in dims), device=dev) * 0.02).bfloat16()
         x = torch.randn(4 * 16384, device=dev).bfloat16()
         counter = torch.zeros(1, dtype=torch.int32, device=dev)
-        nbytes = w.numel() * 2
-        roofline_us = nbytes / copy_bw * 1e6
-        row = {"shape": shape, "weights_mb": nbytes / 1e6, "roofline_us_per_layer": roofline_us / layers,
-               "copy_bw_gb_s": copy_bw / 1e9}
         views, offset = [], 0
         for layer in range(layers):
             for n, k in dims:
                 views.append(w[offset:offset + n * k].view(n, k))
                 offset += n * k
-        chain, best_cfg = gemv_chain_us(views, [lambda k: GemvConfig(1, 8, 512, max(1, k // 512), 4, 1)])
-        row["gemv_chain_us_per_layer"] = chain / layers
-        row["gemv_chain_x_roofline"] = chain / roofline_us
-        print(f"{shape}: roofline {roofline_us / layers:.2f} us/layer, GEMV chain {chain / layers:.2f} us/layer "
-              f"({', '.join(str(best_cfg[d]) for d in dims)})", flush=True)
+        row, roofline_us = baseline_row(shape, layers, views, copy_bw,
+                                        [lambda k: GemvConfig(1, 8, 512, max(1, k // 512), 4, 1)])
         for stages in map(int, args.stages):
             for bn in map(int, args.block_n):
-                name = f"persistent s{stages} n{bn}"
-                try:
-                    def run():
-                        kernel[(sms,)](w, x, counter, *[n for n, _ in dims], *[k for _, k in dims], LAYERS=layers, BN=bn,
-                                       BK=BK, PROGRAMS=sms, STAGES=stages, num_warps=8)
-                    us = graph_us(run)
-                    ok = counter.item() == 0
-                except Exception as e:  # a config the compiler rejects: report, go on
-                    print(f"  {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                row[f"{name} us_per_layer"] = us / layers
-                row[f"{name} x_roofline"] = us / roofline_us
-                print(f"  {name}: {us / layers:.2f} us/layer = {us / roofline_us:.2f}x roofline (counter reset: {ok})", flush=True)
+                def run():
+                    kernel[(sms,)](w, x, counter, *[n for n, _ in dims], *[k for _, k in dims], LAYERS=layers, BN=bn,
+                                   BK=BK, PROGRAMS=sms, STAGES=stages, num_warps=8)
+                time_variant(row, f"persistent s{stages} n{bn}", run, layers, roofline_us,
+                             lambda: f"(counter reset: {counter.item() == 0})")
         rows.append(row)
-    print_table("one decoder layer's four projections at batch 1: GEMV chain vs one persistent pipelined stream",
-                [{"shape": r["shape"], **{k: v for k, v in r.items() if "us_per_layer" in k}} for r in rows],
-                [("shape", "shape")] + [(k, k.replace(" us_per_layer", "").replace("_us_per_layer", ""))
-                                        for k in rows[0] if "us_per_layer" in k])
-    save_results(args.out, "layer_stream_gpu", args, rows)
+    report(rows, "one decoder layer's four projections at batch 1: GEMV chain vs one persistent pipelined stream",
+           "layer_stream_gpu", args)
     return 0
 
 

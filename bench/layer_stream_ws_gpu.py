@@ -22,8 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import bench_parser, csv_list, print_table, save_results  # noqa: E402
-from bench.layer_stream_gpu import SHAPES, device_setup, gemv_chain_us, graph_us, projection_dims  # noqa: E402
+from bench.common import bench_parser, csv_list  # noqa: E402
+from bench.layer_stream_gpu import (SHAPES, baseline_row, device_setup, projection_dims, report,  # noqa: E402
+                                    time_variant)
 
 # module level: the partitions' constexpr annotations are resolved in this module's globals
 from triton.experimental import gluon  # noqa: E402
@@ -194,13 +195,8 @@ def main() -> int:
     for shape in args.shapes:
         dims, layers = projection_dims(shape)
         stage_w = [(torch.randn(layers * n, k, device=dev) * 0.02).bfloat16() for n, k in dims]  # stage-major: [L * N, K]
-        nbytes = sum(w.numel() * 2 for w in stage_w)
-        roofline_us = nbytes / copy_bw * 1e6
-        row = {"shape": shape, "weights_mb": nbytes / 1e6, "roofline_us_per_layer": roofline_us / layers}
         views = [w[l * n:(l + 1) * n] for l in range(layers) for w, (n, k) in zip(stage_w, dims)]  # step order
-        chain, _ = gemv_chain_us(views)
-        row["gemv_chain_us_per_layer"] = chain / layers
-        print(f"{shape}: roofline {roofline_us / layers:.2f} us/layer, GEMV chain {chain / layers:.2f}", flush=True)
+        row, roofline_us = baseline_row(shape, layers, views, copy_bw)
         # rows per tile: 32, or fewer where a stage would have fewer row blocks than ~programs; where even 8 rows
         # leave programs idle, the stage splits K too (one partial per chunk, summed by the next stage)
         bns = tuple(next((b for b in (32, 16, 8) if n // b >= 0.9 * sms), 8) for n, _ in dims)
@@ -211,25 +207,14 @@ def main() -> int:
         row["rows_per_tile"], row["split_k"] = list(bns), list(splits)
         parts = tuple(k // BK if split else 1 for (_, k), split in zip(dims, splits))
         for nbuf, warps in ((int(b), int(w)) for b in args.buffers for w in args.warps):
-            name = f"warp-specialized {nbuf} slots {warps} warps"
-            try:
-                def run():
-                    kernel[(sms,)](*descs, part, count, LAYERS=layers, NS=tuple(n for n, _ in dims), KS=tuple(k for _, k in dims),
-                                   BNS=bns, SPLITS=splits, PARTS=parts, PROGRAMS=sms, NBUF=nbuf, num_warps=warps)
-                us = graph_us(run)
-            except Exception as e:  # report, go on
-                print(f"  {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                row[f"{name} error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                continue
-            row[f"{name} us_per_layer"] = us / layers
-            print(f"  {name}: {us / layers:.2f} us/layer = {us / roofline_us:.2f}x roofline (counters {count.tolist()})",
-                  flush=True)
+            def run():
+                kernel[(sms,)](*descs, part, count, LAYERS=layers, NS=tuple(n for n, _ in dims), KS=tuple(k for _, k in dims),
+                               BNS=bns, SPLITS=splits, PARTS=parts, PROGRAMS=sms, NBUF=nbuf, num_warps=warps)
+            time_variant(row, f"warp-specialized {nbuf} slots {warps} warps", run, layers, roofline_us,
+                         lambda: f"(counters {count.tolist()})")
         rows.append(row)
-    print_table("four batch-1 projections per layer: GEMV chain vs warp-specialized persistent stream (us per layer)",
-                [{"shape": r["shape"], **{k: v for k, v in r.items() if "us_per_layer" in k}} for r in rows],
-                [("shape", "shape")] + [(k, k.replace(" us_per_layer", "").replace("_us_per_layer", ""))
-                                        for k in dict.fromkeys(k for r in rows for k in r if "us_per_layer" in k)])
-    save_results(args.out, "layer_stream_ws_gpu", args, rows)
+    report(rows, "four batch-1 projections per layer: GEMV chain vs warp-specialized persistent stream (us per layer)",
+           "layer_stream_ws_gpu", args)
     return 0
 
 

@@ -21,8 +21,13 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
 
 
 def compile_for_hopper(fn, args: dict, constexprs: dict, **options) -> str:
-    """PTX of ``fn`` compiled for sm_90 with the argument types of ``args`` (example values) and ``constexprs``."""
+    """PTX of ``fn`` (a Triton or a Gluon kernel) compiled for sm_90 with the argument types of ``args``
+    (example values, or a type string such as a Gluon ``tensordesc<...>``) and ``constexprs``."""
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+
     def kind(value) -> str:
+        if isinstance(value, str):
+            return value
         if isinstance(value, torch.Tensor):
             return "*" + _DTYPES[value.dtype]
         return "fp32" if isinstance(value, float) else "i32"
@@ -36,7 +41,8 @@ def compile_for_hopper(fn, args: dict, constexprs: dict, **options) -> str:
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name not in constexprs
              and (isinstance(args[name], torch.Tensor) or (type(args[name]) is int and args[name] % 16 == 0))}
     try:
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), target=HOPPER,
+        source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+        kernel = triton.compile(source(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), target=HOPPER,
                                 options={"num_warps": 4, **options})
     except RuntimeError as e:  # a Triton build without the CUDA backend or its bundled ptxas
         if "ptxas" in str(e).lower():
@@ -114,7 +120,6 @@ def test_bench_stream_prototypes_compile():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.layer_stream_gpu import BK, build_kernel as build_pipelined
     from bench.layer_stream_ws_gpu import build_kernel as build_ws, tile_layout
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     dims = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]  # Qwen3-0.6B: qkv, o, gate_up, down
     shape = dict(zip(("N0", "N1", "N2", "N3"), (n for n, _ in dims))) | dict(zip(("K0", "K1", "K2", "K3"), (k for _, k in dims)))
@@ -125,10 +130,6 @@ def test_bench_stream_prototypes_compile():
     bns = (32, 8, 32, 8)
     const = dict(LAYERS=2, NS=tuple(n for n, _ in dims), KS=tuple(k for _, k in dims), BNS=bns, SPLITS=(False,) * 4,
                  PARTS=(1,) * 4, PROGRAMS=132, NBUF=8, num_warps=4)
-    signature = {f"d{i}": f"tensordesc<bf16[{bn}, 256],{tile_layout()!r}>" for i, bn in enumerate(bns)}
-    signature |= {"part_ptr": "*fp32", "count_ptr": "*i32"} | {name: "constexpr" for name in const}
-    kernel = triton.compile(GluonASTSource(fn=build_ws(), signature=signature, constexprs=const,
-                                           attrs={(4,): [["tt.divisibility", 16]], (5,): [["tt.divisibility", 16]]}),
-                            target=HOPPER, options={"num_warps": 4})
-    ptx = kernel.asm["ptx"]
+    descs = {f"d{i}": f"tensordesc<bf16[{bn}, 256],{tile_layout()!r}>" for i, bn in enumerate(bns)}
+    ptx = compile_for_hopper(build_ws(), descs | dict(part_ptr=F32, count_ptr=I32), const, num_warps=4)
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx and "setmaxnreg" in ptx
