@@ -196,6 +196,16 @@ def parity_checks(model_dir: str, device: str, smoke: bool, launch_ahead: bool =
     engine_greedy = [o.outputs[0].token_ids for o in outs]
     small = small_batch_greedy(llm, prompts, greedy)  # batches of 1 and 4: the GEMV paths (<= 8 rows)
     gemv_projections = sum(r["choice"] != "cublas" for r in llm.engine.runner.gemv_tuning)
+    # sequences that stop mid-round (a stop token from their own greedy output): the round queued ahead of
+    # each stop is discarded; the tokens must equal the same engine's without rounds queued ahead
+    stopping = [SamplingParams(max_tokens=32, temperature=0.0, stop_token_ids=[t[11 + i % 9]]) for i, t in enumerate(engine_greedy)]
+    stopped = {}
+    for pipelined in (True, False):
+        llm.engine.config.pipeline_rounds = pipelined
+        stopped[pipelined] = ([o.outputs[0].token_ids for o in llm.generate(prompts, stopping)]
+                              + [llm.generate([p], s)[0].outputs[0].token_ids for p, s in zip(prompts[:4], stopping)])
+    llm.engine.config.pipeline_rounds = True
+    pipelined_match = sum(a == b for a, b in zip(stopped[True], stopped[False])) / len(stopped[True])
     llm.engine.config.decode_steps = 1  # the same engine and graphs, one token per engine step
     single = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] + small_batch_greedy(llm, prompts, greedy)
     multi_match = sum(a == b for a, b in zip(engine_greedy + small, single)) / len(single)
@@ -260,6 +270,8 @@ def parity_checks(model_dir: str, device: str, smoke: bool, launch_ahead: bool =
          "ok": small_hf_match >= 0.95},
         {"check": f"greedy, {decode_steps} decode steps per engine step vs 1 (all + batches of 1, 4)", "value": multi_match,
          "target": "1.0", "ok": multi_match == 1.0},
+        {"check": "  stop tokens mid-round: rounds queued ahead vs not (batch 32, then 1)", "value": pipelined_match,
+         "target": "1.0", "ok": pipelined_match == 1.0},
         {"check": "  (projection groups x batch buckets using the GEMV)", "value": float(gemv_projections), "target": "-", "ok": None},
     ]
 

@@ -114,10 +114,12 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 
 
 # bs1 settings measured side by side in one engine: (name, changes from the engine defaults); GPU-only
-# switches (gemv, pdl, merge_in_kernel) go through ModelRunner.set_kernels, decode_steps through the engine config
+# switches (gemv, pdl, merge_in_kernel, early_epilogue) go through ModelRunner.set_kernels, decode_steps and
+# pipeline_rounds through the engine config
 VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
-            ("combine kernel", {"merge_in_kernel": False}))
-KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel")
+            ("combine kernel", {"merge_in_kernel": False}), ("late epilogue", {"early_epilogue": False}),
+            ("rounds not pipelined", {"pipeline_rounds": False}))
+KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel", "early_epilogue")
 
 
 def decode_roofline(llm, steps: int = 200) -> dict:
@@ -139,12 +141,14 @@ def decode_roofline(llm, steps: int = 200) -> dict:
         if on_gpu:
             runner.set_kernels(**kernels)  # recaptures the decode graphs
         engine.config.decode_steps = changes.get("decode_steps", default_steps)
+        engine.config.pipeline_rounds = changes.get("pipeline_rounds", True)
         step, replay = bs1_token_seconds(engine, steps), graph_replay_seconds(engine)
         row.update({f"step_ms_{variant}": step * 1e3, f"replay_ms_{variant}": replay * 1e3,
                     f"step_x_roofline_{variant}": step / roofline, f"replay_x_roofline_{variant}": replay / roofline})
         print(f"  bs1 {variant}: {step * 1e3:.3f} ms per token, replay {replay * 1e3:.3f} ms, roofline {roofline * 1e3:.3f} ms",
               flush=True)
     engine.config.decode_steps = default_steps
+    engine.config.pipeline_rounds = True
     if on_gpu:
         runner.set_kernels(**{key: True for key in KERNEL_SWITCHES})
         row["replay_profile"] = replay_profile(engine)

@@ -24,6 +24,10 @@ class EngineConfig:
     # next, tokens read once at the end (vLLM's multi-step scheduling): the host's share of a step is
     # paid once per decode_steps tokens. Only when every running sequence is plain greedy and nothing waits.
     decode_steps: int = 16
+    # GPU graphs: queue the next multi-step round before reading the current one's tokens, so the host's
+    # booking of a round overlaps the next round on the GPU (the queued round is discarded, its work
+    # wasted, if the batch changes: a sequence stops, a request arrives)
+    pipeline_rounds: bool = True
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)
     attention_backend: str = "auto"  # auto (triton on GPU, torch on CPU) | torch | triton
     adapter: str | None = None  # eval: PEFT adapter dir merged into the base weights at load time

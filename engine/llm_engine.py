@@ -161,7 +161,7 @@ class LLMEngine:
         feeds each step's argmax to the next on the device; here every step is accounted for in order,
         as ``steps`` single steps would be. A sequence that stops at step i ignores the rest (their K/V
         went to positions past its end, in its own blocks, which it frees)."""
-        tokens = self.runner.decode_steps(batch.seqs, steps).tolist()
+        tokens = self.runner.decode_steps(batch.seqs, steps, next_steps=self._plan_next_round(batch.seqs, steps)).tolist()
         for j, seq in enumerate(batch.seqs):
             self._accept_round(seq, [step_tokens[j] for step_tokens in tokens])
         self._launch_ahead()
@@ -213,6 +213,25 @@ class LLMEngine:
         for s in seqs:
             bm.allocate(s, len(s) + steps - 1)
         return steps
+
+    def _plan_next_round(self, seqs: list[Sequence], steps: int) -> int:
+        """Steps of the round after this one that the runner may queue before this round's tokens are
+        read (``engine.pipeline_rounds``; 0: none): the round ``_plan_decode_steps`` will plan if no
+        sequence stops in this one, with its blocks allocated now — through the position after it,
+        whose slot the round's last step computes on the device for the round after."""
+        sched = self.scheduler
+        if not (self.config.pipeline_rounds and self.runner.graphs) or sched.waiting:
+            return 0
+        nxt = min(self.config.decode_steps, self.runner.max_decode_steps,
+                  max(s.params.max_tokens - s.num_output_tokens - steps for s in seqs),
+                  min(self.max_model_len - len(s) - steps + 1 for s in seqs))
+        bm = sched.block_manager
+        need = sum(max(0, s.num_blocks_for(len(s) + steps + nxt) - len(s.block_table)) for s in seqs)
+        if nxt < 2 or need > bm.num_free_blocks:
+            return 0
+        for s in seqs:
+            bm.allocate(s, len(s) + steps + nxt)
+        return nxt
 
     @staticmethod
     def _plain_greedy(seq: Sequence) -> bool:

@@ -67,8 +67,10 @@ class ModelRunner:
         max_bs = min(config.max_num_seqs, 512)
         self.graph_buckets = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs] if b <= max_bs})
         self._graph_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, logits) of the last replay
-        self._ahead: tuple | None = None  # (sequences, lengths) of a replay queued by launch_ahead
-        self.max_decode_steps = max(config.decode_steps, 1)  # depth of the graphs' token history
+        # what is queued ahead on the GPU: (decode key, steps, first history row) — one step by launch_ahead,
+        # or a whole round by decode_steps(next_steps=...)
+        self._ahead: tuple | None = None
+        self.max_decode_steps = max(config.decode_steps, 1)  # longest multi-step round
         if device.type == "cuda" and not config.enforce_eager and self.backend == "triton":
             self._capture_decode_graphs()
 
@@ -80,10 +82,11 @@ class ModelRunner:
         self.gemv_tuning = plan(self.model.projections(), self.device)
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
 
-    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None) -> None:
-        """Switch the Triton GEMV, PDL and/or the decode attention's in-kernel split merge on or off
-        (benchmarks A/B them in one process); recaptures the graphs, which keep the kernels and launch
-        attributes they were captured with."""
+    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None,
+                    early_epilogue: bool | None = None) -> None:
+        """Switch the Triton GEMV, PDL, the decode attention's in-kernel split merge and/or the GEMV's
+        early epilogue loads on or off (benchmarks A/B them in one process); recaptures the graphs, which
+        keep the kernels and launch attributes they were captured with."""
         if self.device.type != "cuda":
             raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
         if pdl is not None:
@@ -94,6 +97,10 @@ class ModelRunner:
             from engine.kernels.paged_attention import set_merge_in_kernel
 
             set_merge_in_kernel(merge_in_kernel)
+        if early_epilogue is not None:
+            from engine.kernels.gemv import set_early_epilogue
+
+            set_early_epilogue(early_epilogue)
         if gemv and not self._gemv_plans:
             self._plan_gemv()
         if gemv is not None:
@@ -222,7 +229,7 @@ class ModelRunner:
         """Hidden states of every new token of the batch, [num_tokens, hidden]."""
         self._graph_logits = None
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and batch.is_decode and ahead == _decode_key(batch.seqs):
+        if ahead is not None and batch.is_decode and ahead == (_decode_key(batch.seqs), 1, 0):
             return self._graph_outputs(len(batch))  # launch_ahead already queued exactly this step
         if self.graphs and len(batch) <= self.graph_buckets[-1] and batch.is_decode:
             return self._replay(batch.seqs)
@@ -259,18 +266,27 @@ class ModelRunner:
             return False
         if any((len(s) - 1) // bs >= len(s.block_table) for s in seqs):  # needs a new block: the scheduler's call
             return False
+        if self._ahead is not None:  # decode_steps queued the next round already
+            return False
         self._replay(seqs)
         self._graph_logits = None
-        self._ahead = _decode_key(seqs)
+        self._ahead = (_decode_key(seqs), 1, 0)
         return True
 
     # ---------------------------------------------------------------- multi-step decode
     @torch.inference_mode()
-    def decode_steps(self, seqs: list, k: int) -> torch.Tensor:
+    def decode_steps(self, seqs: list, k: int, next_steps: int = 0) -> torch.Tensor:
         """Greedy tokens [k, len(seqs)] of k decode steps of ``seqs``, each step's argmax the next one's
         input, with no host work between steps. Every sequence must have blocks for its next k
         positions (the engine allocates them). On CUDA graphs: one input copy (or the replay
-        ``launch_ahead`` queued) and k replays; otherwise k eager forwards, tokens kept on the device."""
+        ``launch_ahead`` queued) and k replays; otherwise k eager forwards, tokens kept on the device.
+
+        ``next_steps`` (CUDA graphs; the engine's ``pipeline_rounds``): also queue the next round of that
+        many steps before reading this round's tokens — it continues on the device from this round's last
+        step — so the GPU computes it while the host books this one. The sequences must have blocks
+        through the position after that round. The next call takes it if it asks for exactly that round
+        (the same sequences, each ``k`` tokens longer, ``next_steps`` steps); any other step discards it
+        (its only effect: K/V at positions the real step rewrites or the sequence frees)."""
         if not 1 <= k <= self.max_decode_steps:
             raise ValueError(f"decode_steps: k={k} is outside [1, {self.max_decode_steps}]")
         self._graph_logits = None
@@ -278,11 +294,22 @@ class ModelRunner:
         n = len(seqs)
         if self.graphs and n <= self.graph_buckets[-1]:
             bucket = self._bucket(n)
-            if ahead is None or ahead != _decode_key(seqs):
-                self._replay(seqs)  # step 1 (else launch_ahead already queued it)
-            for _ in range(k - 1):  # each replay starts from the inputs the previous one advanced
-                self.graphs[bucket].replay()
-            return self.g_hist[:k, :n]
+            key = _decode_key(seqs)
+            if ahead is not None and ahead[0] == key and ahead[1] == k:
+                first = ahead[2]  # the whole round is queued already
+            else:
+                queued = 1 if ahead == (key, 1, 0) else 0  # launch_ahead queued step 1
+                if not queued:
+                    self._replay(seqs)
+                for _ in range(k - 1):  # each replay starts from the inputs the previous one advanced
+                    self.graphs[bucket].replay()
+                first = 0
+            self.round_done.record()
+            if 1 <= next_steps <= self.max_decode_steps:
+                self._queue_round(seqs, bucket, next_steps)
+                self._ahead = (tuple((i, length + k, blocks) for i, length, blocks in key), next_steps,
+                               (first + k) % self.g_hist.shape[0])
+            return self._read_history(first, k, n)
         ids = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long, device=self.device)
         adapters = [s.adapter_id for s in seqs]
         tokens = []
@@ -346,7 +373,11 @@ class ModelRunner:
         self.g_out = torch.zeros(max_bs, self.args.hidden_size, dtype=self.dtype, device=self.device)
         self.g_logits = torch.zeros(max_bs, self.args.vocab_size, dtype=torch.float32, device=self.device)
         self.g_tokens = torch.zeros(max_bs, dtype=torch.long, device=self.device)
-        self.g_hist = torch.zeros(self.max_decode_steps, max_bs, dtype=torch.long, device=self.device)
+        # two rounds deep: a round queued ahead (decode_steps' next_steps) writes rows the host is not reading
+        self.g_hist = torch.zeros(2 * self.max_decode_steps, max_bs, dtype=torch.long, device=self.device)
+        self.h_hist = torch.zeros_like(self.g_hist, device="cpu").pin_memory()
+        self.read_stream = torch.cuda.Stream(self.device)
+        self.round_done, self.read_done = torch.cuda.Event(), torch.cuda.Event()
         # the graphs write into these buffers on every replay: they must live as long as the graphs (a local
         # would return them to the allocator, which hands them to the next tensor — the graphs then clobber it)
         self._argmax = argmax = Argmax(max_bs, self.args.vocab_size, self.device)
@@ -375,6 +406,35 @@ class ModelRunner:
             self.graphs[b] = graph
             set_context(None)
         torch.cuda.synchronize()
+
+    def _queue_round(self, seqs: list, bucket: int, steps: int) -> None:
+        """Queue ``steps`` replays that continue from the inputs the last replay advanced, after one
+        copy of the sequences' block tables (grown for the new round since the last upload)."""
+        width = self.h_tables.shape[1]
+        self.copy_done.synchronize()  # the previous upload may still be reading the staging buffer
+        for i, seq in enumerate(seqs):
+            self.h_tables[i, :len(seq.block_table)] = seq.block_table
+        start = _INPUT_ROWS * self.h_vec.shape[1]
+        self.g_buf[start:start + len(seqs) * width].copy_(self.h_buf[start:start + len(seqs) * width], non_blocking=True)
+        self.copy_done.record()
+        for _ in range(steps):
+            self.graphs[bucket].replay()
+
+    def _read_history(self, first: int, k: int, n: int) -> torch.Tensor:
+        """The history rows ``first .. first + k`` (mod its depth) of the first ``n`` columns, once the
+        replays before ``round_done`` have run: copied on a side stream, so a round queued after them
+        keeps the GPU busy meanwhile (it writes other rows)."""
+        depth = self.g_hist.shape[0]
+        first %= depth
+        head = min(k, depth - first)  # rows before the ring wraps around
+        with torch.cuda.stream(self.read_stream):  # whole rows: contiguous copies, straight into pinned memory
+            self.read_stream.wait_event(self.round_done)
+            self.h_hist[:head].copy_(self.g_hist[first:first + head], non_blocking=True)
+            if head < k:
+                self.h_hist[head:k].copy_(self.g_hist[:k - head], non_blocking=True)
+            self.read_done.record()
+        self.read_done.synchronize()
+        return self.h_hist[:k, :n].clone()
 
     def _replay(self, seqs: list) -> torch.Tensor:
         """A decode step of ``seqs`` through its bucket's graph."""

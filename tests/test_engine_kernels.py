@@ -255,7 +255,7 @@ def check_gemv() -> None:
     import torch
     import torch.nn.functional as F
 
-    from engine.kernels.gemv import GemvConfig, Workspace, gemv
+    from engine.kernels.gemv import GemvConfig, Workspace, gemv, set_early_epilogue
     from engine.layers import add_rms_norm, rms_norm, silu_and_mul
 
     g = torch.Generator().manual_seed(0)
@@ -282,8 +282,10 @@ def check_gemv() -> None:
                                    **close)
         # the residual add in the producer's epilogue (o_proj, down_proj) and the norm after it from its sums
         res = torch.randn(m, n, generator=g)
-        h, stats = gemv(x, w, bias, config, workspace, add_residual=res)
-        torch.testing.assert_close(h, F.linear(x, w, bias) + res, **close)
+        for early in (False, True):  # the residual loaded after the reduction, or with x (the default, last)
+            set_early_epilogue(early)
+            h, stats = gemv(x, w, bias, config, workspace, add_residual=res)
+            torch.testing.assert_close(h, F.linear(x, w, bias) + res, **close)
         assert stats.shape == (m, -(-n // config.block_n)), stats.shape
         torch.testing.assert_close(stats.sum(1), (h * h).sum(1), **close)
         h_act, stats_act = gemv(gate_up, w, None, config, workspace, "silu_mul", add_residual=res)
@@ -384,11 +386,14 @@ def check_advance() -> None:
     assert pos.tolist() == [2, 4, 0, 6, 11]
     assert lens.tolist() == [3, 5, 0, 7, 12]
     assert slots.tolist() == [10 * 4 + 2, 21 * 4 + 0, -1, -1, 32 * 4 + 3]  # row 1 crossed into its next block
-    # the next step, then replays past the history's depth keep writing its last row
-    for step, new in enumerate(([200, 201, 202, 203, 204], [300, 301, 302, 303, 304]), start=1):
-        advance_decode_inputs(ids, pos, slots, lens, tables, torch.tensor(new), hist, counter, block_size)
-        assert hist[1, :5].tolist() == new and counter.tolist() == [step + 1]
+    # the next step, then a replay past the history's depth wraps around to its first row (a ring: a round
+    # queued ahead writes the rows after the current round's)
+    advance_decode_inputs(ids, pos, slots, lens, tables, torch.tensor([200, 201, 202, 203, 204]), hist, counter, block_size)
+    assert hist[1, :5].tolist() == [200, 201, 202, 203, 204] and counter.tolist() == [2]
     assert hist[0, :5].tolist() == tokens.tolist()
+    advance_decode_inputs(ids, pos, slots, lens, tables, torch.tensor([300, 301, 302, 303, 304]), hist, counter, block_size)
+    assert hist[0, :5].tolist() == [300, 301, 302, 303, 304] and counter.tolist() == [3]
+    assert hist[1, :5].tolist() == [200, 201, 202, 203, 204]
     assert pos.tolist() == [4, 6, 0, 6, 11] and ids.tolist() == [300, 301, 0, 9, 7]
     assert slots.tolist() == [11 * 4 + 0, 21 * 4 + 2, -1, -1, 32 * 4 + 3]
 

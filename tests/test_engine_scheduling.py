@@ -57,7 +57,8 @@ def test_multi_step_decode_changes_nothing(tiny_llama_dir, prompts, reference):
     assert tokens(make(tiny_llama_dir, decode_steps=5).generate(prompts, GREEDY)) == reference
     assert tokens(llm.generate(prompts, GREEDY)) == tokens(single.generate(prompts, GREEDY))  # some cut at max_model_len
     steps = []
-    llm.engine.runner.decode_steps = lambda seqs, k, run=llm.engine.runner.decode_steps: steps.append(k) or run(seqs, k)
+    llm.engine.runner.decode_steps = (lambda seqs, k, next_steps=0, run=llm.engine.runner.decode_steps:
+                                       steps.append(k) or run(seqs, k, next_steps=next_steps))
     free = tokens(single.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)))
     stops = [t[6] for t in free]  # stop tokens that land inside a multi-step run
     cases = [

@@ -74,10 +74,30 @@ def test_gemv_kernel_compiles_and_keeps_the_pdl_contract(prologue, block_m, spli
     ptx = compile_for_hopper(_gemv_kernel, args, dict(
         PROLOGUE=prologue, HAS_BIAS=False, STATS_IN=prologue == 1 and not late, STATS_PAD=4, ADD_RESIDUAL=residual,
         BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 32, BLOCK_K=block_k, SPLIT_K=split_k, K_TILES=1,
-        PRECISION="tf32", USE_PDL=True, LATE_TRIGGER=late), num_warps=8 if block_m == 1 else 4)
+        PRECISION="tf32", USE_PDL=True, LATE_TRIGGER=late, EARLY_EPILOGUE=True), num_warps=8 if block_m == 1 else 4)
     assert _before_wait(ptx, "ld.global")  # the first weight tile streams while the predecessor finishes
     trigger, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
     assert (trigger > wait) if late else (0 <= trigger < wait)  # late trigger: dependents only after our wait
+
+
+@pytest.mark.parametrize("prologue, block_n, block_k, split_k", [(0, 2, 2048, 1), (2, 4, 4096, 1), (2, 4, 1024, 3)])
+def test_gemv_epilogue_residual_is_requested_before_the_reduction(prologue, block_n, block_k, split_k):
+    """o_proj / down_proj (the 0.6B's shapes, K = 3072 as one masked 4096 tile too): with EARLY_EPILOGUE
+    the residual's load is issued with x, before the reduction's first CTA barrier; without, after it."""
+    from engine.kernels.gemv import _gemv_kernel
+
+    k = 2048 if prologue == 0 else 3072
+    args = dict(x_ptr=BF16, w_ptr=BF16, bias_ptr=BF16, y_ptr=BF16, inv_ptr=F32, norm_ptr=BF16, part_ptr=F32, ticket_ptr=I32,
+                res_ptr=BF16, stats_out_ptr=F32, M=1, N=1024, K=k, x_stride=k, stats_in_tiles=4, eps=1e-6)
+
+    def loads_before_barrier(early: bool) -> int:
+        ptx = compile_for_hopper(_gemv_kernel, args, dict(
+            PROLOGUE=prologue, HAS_BIAS=False, STATS_IN=False, STATS_PAD=4, ADD_RESIDUAL=True, BLOCK_M=1, BLOCK_N=block_n,
+            BLOCK_K=block_k, SPLIT_K=split_k, K_TILES=1, PRECISION="tf32", USE_PDL=True, LATE_TRIGGER=False,
+            EARLY_EPILOGUE=early), num_warps=8, num_stages=1)
+        return ptx[:ptx.find("bar.sync")].count("ld.global")
+
+    assert loads_before_barrier(True) == loads_before_barrier(False) + 1
 
 
 @pytest.mark.parametrize("early_kv, merge", [(True, True), (False, True), (True, False)])

@@ -1,7 +1,7 @@
 """Move a CUDA-graph decode step's inputs on to the next position, on the device.
 
 The last kernel of every captured decode graph. It records the step's greedy tokens in a history
-row (``hist[step]``, ``step`` read from and incremented in a device counter) and makes them the
+row (``hist[step % depth]``, ``step`` read from and incremented in a device counter) and makes them the
 next step's input ids, with each row's position, context length and KV slot advanced by one (the
 slot looked up in the row's block table). Replaying the same graph k times in a row is then k
 greedy decode steps with no host work between them; the host reads ``hist[:k]`` once.
@@ -24,7 +24,7 @@ def _advance_kernel(ids_ptr, pos_ptr, slot_ptr, lens_ptr, tables_ptr, tokens_ptr
     rows = tl.arange(0, BLOCK)
     in_batch = rows < n
     step = tl.load(counter_ptr)
-    row = tl.minimum(step, num_steps - 1)  # replays past the history's depth (benchmarks) overwrite its last row
+    row = step % num_steps  # a ring: rounds queued back to back write successive rows
     tokens = tl.load(tokens_ptr + rows, mask=in_batch, other=0)
     tl.store(hist_ptr + row * hist_stride + rows, tokens, mask=in_batch)
     slot = tl.load(slot_ptr + rows, mask=in_batch, other=-1)

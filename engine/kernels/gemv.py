@@ -27,7 +27,9 @@ elementwise, so no program waits on a reduction before streaming weights:
 
 Epilogue ``add_residual`` (o_proj, down_proj in the model): the output tile plus the residual, and
 each row's sum of squares over the tile; the next ``add_rms_norm`` GEMV, given those sums, skips the
-statistics kernel (the model's decode layers run that way at <= 8 rows).
+statistics kernel (the model's decode layers run that way at <= 8 rows). The residual is requested
+right after ``gdc_wait``, alongside x, and the bias (a weight) before it: loaded in the epilogue, after
+the reduction's CTA barriers, each was one more dependent L2 round trip at the end of the kernel.
 
 PDL (``USE_PDL``, engine/kernels/__init__.py): the first weight tile is loaded before ``gdc_wait``,
 so at batch 1 the kernel's launch and first HBM round trip overlap the previous kernel's tail;
@@ -114,7 +116,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
                  PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STATS_IN: tl.constexpr, STATS_PAD: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 K_TILES: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr):
+                 K_TILES: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr,
+                 EARLY_EPILOGUE: tl.constexpr):
     if USE_PDL and not LATE_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     tile = tl.program_id(0)
@@ -123,6 +126,11 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
     mask_m = offs_m < M
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    bias = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_BIAS:  # a weight: read before gdc_wait, off the epilogue's critical path
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if USE_PDL:
         # the first weight tile streams in while the previous kernel finishes: weights are the only
         # input no kernel of the step writes (x, the row's 1/rms, the split-K workspace wait for gdc_wait).
@@ -134,6 +142,11 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         tl.extra.cuda.gdc_wait()
         if LATE_TRIGGER:  # the next kernel starts only once the previous one has completed (see gemv())
             tl.extra.cuda.gdc_launch_dependents()
+    residual = tl.zeros([BLOCK_M, BLOCK_N], y_ptr.dtype.element_ty)
+    if ADD_RESIDUAL and EARLY_EPILOGUE:
+        # requested with x, not after the reduction: the epilogue's add then waits on no L2 round trip
+        # of its own (the reduction's CTA barriers keep the compiler from hoisting a load above them)
+        residual = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
     inv_rms = tl.zeros([BLOCK_M], tl.float32)
     if PROLOGUE == 1:
         if STATS_IN:  # x is already h: 1/rms from the producing GEMV's per-tile sums of squares, in a fixed order
@@ -170,8 +183,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
             w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             x = _load_x(x_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K, PROLOGUE)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    if ADD_RESIDUAL and not EARLY_EPILOGUE:
+        residual = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
     if SPLIT_K > 1:
         tl.store(part_ptr + split * M * N + out_offs, acc, mask=out_mask)
         # every thread's partial is written before the ticket's release (one thread performs the
@@ -182,27 +195,38 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for s in tl.static_range(SPLIT_K):  # fixed order: deterministic sums
                 acc += tl.load(part_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
-            _store_out(y_ptr, bias_ptr, res_ptr, stats_out_ptr, acc, tile, tl.num_programs(0), offs_m, mask_m, offs_n, mask_n,
-                       out_offs, out_mask, HAS_BIAS, ADD_RESIDUAL)
+            _store_out(y_ptr, bias, residual, stats_out_ptr, acc, tile, tl.num_programs(0), offs_m, mask_m, out_offs, out_mask,
+                       HAS_BIAS, ADD_RESIDUAL)
             tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next call (and the next graph replay)
     else:
-        _store_out(y_ptr, bias_ptr, res_ptr, stats_out_ptr, acc, tile, tl.num_programs(0), offs_m, mask_m, offs_n, mask_n,
-                   out_offs, out_mask, HAS_BIAS, ADD_RESIDUAL)
+        _store_out(y_ptr, bias, residual, stats_out_ptr, acc, tile, tl.num_programs(0), offs_m, mask_m, out_offs, out_mask,
+                   HAS_BIAS, ADD_RESIDUAL)
 
 
 @triton.jit
-def _store_out(y_ptr, bias_ptr, res_ptr, stats_ptr, acc, tile, num_tiles, offs_m, mask_m, offs_n, mask_n, out_offs, out_mask,
+def _store_out(y_ptr, bias, residual, stats_ptr, acc, tile, num_tiles, offs_m, mask_m, out_offs, out_mask,
                HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
     """The output tile, rounded to the dtype; with ADD_RESIDUAL, ``h = y + residual`` (rounded as torch's
-    16-bit add) instead, plus each row's sum of h^2 over the tile for the next norm (fp32, one slot per tile)."""
+    16-bit add) instead, plus each row's sum of h^2 over the tile for the next norm (fp32, one slot per tile).
+    ``bias`` [BLOCK_N] fp32 and ``residual`` [BLOCK_M, BLOCK_N] are values the kernel loaded earlier."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += bias[None, :]
     y = acc.to(y_ptr.dtype.element_ty)
     if ADD_RESIDUAL:
-        y = _add_rounded(y, tl.load(res_ptr + out_offs, mask=out_mask, other=0.0))
+        y = _add_rounded(y, residual)
         yf = tl.where(out_mask, y.to(tl.float32), 0.0)
         tl.store(stats_ptr + offs_m * num_tiles + tile, tl.sum(yf * yf, 1), mask=mask_m)
     tl.store(y_ptr + out_offs, y, mask=out_mask)
+
+
+_early_epilogue = True
+
+
+def set_early_epilogue(enabled: bool) -> None:
+    """Process-wide: load the epilogue's residual right after ``gdc_wait`` (with x) or, as before
+    session 9, after the reduction (benchmarks A/B the two; the model runner recaptures its graphs)."""
+    global _early_epilogue
+    _early_epilogue = bool(enabled)
 
 
 class Workspace:
@@ -279,6 +303,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
         STATS_PAD=triton.next_power_of_2(stats_in_tiles), ADD_RESIDUAL=add_residual is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         K_TILES=k_tiles, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", USE_PDL=pdl, LATE_TRIGGER=late_trigger,
+        EARLY_EPILOGUE=_early_epilogue,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if add_residual is not None:
@@ -336,4 +361,11 @@ def whole_slice_configs(k: int) -> list[GemvConfig]:
     for block_k, block_n, warps in ((2048, 2, 4), (2048, 4, 8), (2048, 8, 8), (1024, 4, 4), (1024, 8, 8), (4096, 4, 8)):
         if block_k <= triton.next_power_of_2(k) and (block_k < 4096 or k >= 8192):
             out.append(GemvConfig(1, block_n, block_k, triton.cdiv(k, block_k), warps, 1))
+    # one masked tile over all of a K above 2048 (3072: the 0.6B's down_proj; 8192: the 1B's): no split-K,
+    # so no partials, ticket or second reduction round trip at the end of the kernel
+    whole = triton.next_power_of_2(k)
+    for block_n in (2, 4):
+        config = GemvConfig(1, block_n, whole, 1, 8, 1)
+        if whole > 2048 and block_n * whole <= 16384 and config not in out:
+            out.append(config)
     return out

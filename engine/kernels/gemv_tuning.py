@@ -98,8 +98,8 @@ def _choose(members: list[Projection], m: int, workspace: Workspace, num_sms: in
                 gemv(x, p.linear.weight, p.linear.bias, config, workspace, prologue, residual, p.norm_weight, p.eps)
         return run
 
-    best, best_us, timings = None, _graph_time_us(run_unfused, reps), {}
-    timings["cublas_us"] = best_us
+    best, best_us, candidates = None, _graph_time_us(run_unfused, reps), {}
+    timings = {"cublas_us": best_us, "candidates_us": candidates}  # every candidate, for the benchmarks' records
     for config in candidate_configs(n, k, m, num_sms):
         workspace.reserve(n, config)
         try:
@@ -107,6 +107,7 @@ def _choose(members: list[Projection], m: int, workspace: Workspace, num_sms: in
         except Exception as e:  # a config the compiler rejects (shared memory, registers) is just not a candidate
             print(f"gemv: config {config} failed for N={n} K={k}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
+        candidates[str(config)] = us
         if us < best_us:
             best, best_us = config, us
     timings["best_us"] = best_us
