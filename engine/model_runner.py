@@ -295,7 +295,7 @@ class ModelRunner:
         if self.graphs and n <= self.graph_buckets[-1]:
             bucket = self._bucket(n)
             key = _decode_key(seqs)
-            if ahead is not None and ahead[0] == key and ahead[1] == k:
+            if ahead is not None and ahead[0] == _lengths(key) and ahead[1] == k:
                 first = ahead[2]  # the whole round is queued already
             else:
                 queued = 1 if ahead == (key, 1, 0) else 0  # launch_ahead queued step 1
@@ -307,7 +307,9 @@ class ModelRunner:
             self.round_done.record()
             if 1 <= next_steps <= self.max_decode_steps:
                 self._queue_round(seqs, bucket, next_steps)
-                self._ahead = (tuple((i, length + k, blocks) for i, length, blocks in key), next_steps,
+                # matched on ids and lengths only: the tables grow again (for the round after it) before the
+                # next call, and the round's own blocks were on the device when it was queued
+                self._ahead = (tuple((i, length + k) for i, length in _lengths(key)), next_steps,
                                (first + k) % self.g_hist.shape[0])
             return self._read_history(first, k, n)
         ids = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long, device=self.device)
@@ -464,6 +466,11 @@ class ModelRunner:
 
 
 _INPUT_ROWS = 6  # per-row graph inputs: ids, positions, slots, adapter slots, context lengths, the step counter
+
+
+def _lengths(key: tuple) -> tuple:
+    """A decode key without the block-table lengths: (sequence id, length) per row."""
+    return tuple(entry[:2] for entry in key)
 
 
 def _decode_key(seqs: list) -> tuple:

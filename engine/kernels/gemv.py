@@ -361,6 +361,8 @@ def whole_slice_configs(k: int) -> list[GemvConfig]:
     for block_k, block_n, warps in ((2048, 2, 4), (2048, 4, 8), (2048, 8, 8), (1024, 4, 4), (1024, 8, 8), (4096, 4, 8)):
         if block_k <= triton.next_power_of_2(k) and (block_k < 4096 or k >= 8192):
             out.append(GemvConfig(1, block_n, block_k, triton.cdiv(k, block_k), warps, 1))
+    if k <= 1024:  # small programs of two warps: more of them resident per SM (the 0.6B's qkv and gate_up)
+        out += [GemvConfig(1, block_n, triton.next_power_of_2(k), 1, 2, 1) for block_n in (2, 4)]
     # one masked tile over all of a K above 2048 (3072: the 0.6B's down_proj; 8192: the 1B's): no split-K,
     # so no partials, ticket or second reduction round trip at the end of the kernel
     whole = triton.next_power_of_2(k)
