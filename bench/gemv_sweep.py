@@ -29,12 +29,15 @@ SHAPES = {
 }
 
 
-FAMILIES = ("row", "dot", "whole", "engine")
+FAMILIES = ("row", "dot", "whole", "whole-wide", "engine")
 
 
 def configs(n: int, k: int, num_sms: int, families: list[str]):
     """The configs of ``families``: row (tile grid), dot (tl.dot), whole (one tile per program's K
-    slice: ``whole_slice_configs``), engine (the start-up tuner's candidates, for reference)."""
+    slice: ``whole_slice_configs``), whole-wide (the same for every rows x warps), engine (the start-up
+    tuner's candidates, for reference)."""
+    import triton
+
     from engine.kernels.gemv import GemvConfig, candidate_configs, split_k_for, whole_slice_configs
 
     out = []
@@ -42,6 +45,11 @@ def configs(n: int, k: int, num_sms: int, families: list[str]):
         out += [c for c in candidate_configs(n, k, 1, num_sms) if c.block_m == 1]
     if "whole" in families:
         out += whole_slice_configs(k)
+    if "whole-wide" in families:  # one program per row block and K slice, every row count and warp count
+        for block_k in sorted({triton.next_power_of_2(k), min(2048, triton.next_power_of_2(k))}):
+            for block_n, warps in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8)):
+                if block_n * block_k <= 16384 and block_n * block_k >= 32 * warps * 8:
+                    out.append(GemvConfig(1, block_n, block_k, triton.cdiv(k, block_k), warps, 1))
     for block_n, block_k, warps in itertools.product((8, 16, 32), (128, 256, 512), (4, 8)) if "row" in families else ():
         for per_sm in (4, 8):  # programs per SM the split-K aims for
             out.append(GemvConfig(1, block_n, block_k, split_k_for(n, k, block_n, block_k, num_sms, per_sm), warps, 2))
