@@ -262,7 +262,8 @@ def check_gemv() -> None:
     n, k = 50, 300  # N not a multiple of any block, K not a multiple of split * block
     w, bias, norm_w = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(k, generator=g)
     configs = [GemvConfig(1, 16, 64, 1), GemvConfig(1, 16, 64, 4), GemvConfig(16, 32, 64, 1), GemvConfig(16, 32, 64, 4),
-               GemvConfig(1, 8, 512, 1, 8, 1), GemvConfig(1, 4, 128, 3, 4, 1)]  # whole K slice per program (one tile)
+               GemvConfig(1, 8, 512, 1, 8, 1), GemvConfig(1, 4, 128, 3, 4, 1),  # whole K slice per program (one tile)
+               GemvConfig(1, 1, 512, 1, 4, 1)]  # one row per program
     workspace = Workspace(torch.device("cpu"))
     for config in configs:
         workspace.reserve(n, config)
