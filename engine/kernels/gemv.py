@@ -362,9 +362,9 @@ def whole_slice_configs(k: int) -> list[GemvConfig]:
         if block_k <= triton.next_power_of_2(k) and (block_k < 4096 or k >= 8192):
             out.append(GemvConfig(1, block_n, block_k, triton.cdiv(k, block_k), warps, 1))
     # programs of one or two warps (the 0.6B's gate_up): bench/gemv_sweep.py's winners on an H100 (BENCHMARKS.md,
-    # session 9). Its one-row o_proj winner is left out: as the producer of the residual it writes one sum of
-    # squares per row block, and twice the blocks made the next norm's GEMV read twice the sums (the decode
-    # step was 2 % slower end to end although the tuner, timing projections alone, preferred it).
+    # session 9). Its one-row o_proj winner is left out: with it the decode step was 2 % slower end to end
+    # although the tuner, timing each projection alone, preferred it — likely because, as the residual's
+    # producer, it writes one sum of squares per row block and the next norm's GEMV then reads twice as many.
     if k <= 1024:
         out += [GemvConfig(1, block_n, triton.next_power_of_2(k), 1, warps, 1) for block_n, warps in ((4, 2), (4, 1), (8, 1))]
     # one masked tile over all of a K above 2048 (3072: the 0.6B's down_proj; 8192: the 1B's): no split-K,
