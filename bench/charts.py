@@ -273,7 +273,8 @@ def engine_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
                    label="GPU replay alone", color="#aec7e8")
             ax.axhline(1.0, color="black", lw=1, label="roofline (weights / copy bandwidth)")
             ax.axhline(1.3, color="red", ls="--", lw=1, label="target 1.3x")
-            ax.set_xticks(list(xs), [f"{s}\n{v}" for s, v in cases], fontsize=7)
+            ax.set_xticks(list(xs), [f"{s}\n{v}" for s, v in cases], fontsize=7, rotation=25 if len(cases) > 6 else 0,
+                          ha="right" if len(cases) > 6 else "center")
             ax.set_ylabel("x roofline (lower is better)")
             ax.set_title("batch-1 greedy decode", fontsize=10)
             ax.legend(fontsize=7, loc="lower center", framealpha=0.9)
