@@ -25,6 +25,7 @@ decode graph replay alone; then the replay's top kernels (defaults).
 from __future__ import annotations
 
 import random
+import statistics
 import sys
 import time
 import traceback
@@ -142,11 +143,12 @@ def decode_roofline(llm, steps: int = 200) -> dict:
             runner.set_kernels(**kernels)  # recaptures the decode graphs
         engine.config.decode_steps = changes.get("decode_steps", default_steps)
         engine.config.pipeline_rounds = changes.get("pipeline_rounds", True)
-        step, replay = bs1_token_seconds(engine, steps), graph_replay_seconds(engine)
+        (step, round_median, per_step), replay = bs1_token_seconds(engine, steps), graph_replay_seconds(engine)
         row.update({f"step_ms_{variant}": step * 1e3, f"replay_ms_{variant}": replay * 1e3,
-                    f"step_x_roofline_{variant}": step / roofline, f"replay_x_roofline_{variant}": replay / roofline})
-        print(f"  bs1 {variant}: {step * 1e3:.3f} ms per token, replay {replay * 1e3:.3f} ms, roofline {roofline * 1e3:.3f} ms",
-              flush=True)
+                    f"step_x_roofline_{variant}": step / roofline, f"replay_x_roofline_{variant}": replay / roofline,
+                    f"round_median_ms_{variant}": round_median * 1e3, f"steps_{variant}": per_step})
+        print(f"  bs1 {variant}: {step * 1e3:.3f} ms per token (median full step {round_median * 1e3:.3f}), "
+              f"replay {replay * 1e3:.3f} ms, roofline {roofline * 1e3:.3f} ms", flush=True)
     engine.config.decode_steps = default_steps
     engine.config.pipeline_rounds = True
     if on_gpu:
@@ -163,14 +165,16 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     return row
 
 
-def bs1_token_seconds(engine, tokens: int) -> float:
+def bs1_token_seconds(engine, tokens: int) -> tuple[float, float, list]:
     """Wall time per generated token of one greedy request, steady state (after its first 10 tokens):
-    everything between tokens a user waits for, however many tokens an engine step yields."""
+    everything between tokens a user waits for, however many tokens an engine step yields; and the
+    median per token of the steps that yielded a full round (``decode_steps`` tokens), which no step at
+    either end of the window moves; and every timed step's (tokens, ms)."""
     from engine import SamplingParams
 
     engine.add_request(list(range(1, 129)), SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True), "bs1")
     seq = engine.requests["bs1"].seqs[0]
-    seconds, made = 0.0, 0
+    seconds, made, full, per_step = 0.0, 0, [], []
     # no round queued ahead (engine.pipeline_rounds) into the first timed step: its GPU work would have a head start
     pipelined, engine.config.pipeline_rounds = engine.config.pipeline_rounds, False
     while engine.has_unfinished():
@@ -179,11 +183,15 @@ def bs1_token_seconds(engine, tokens: int) -> float:
         start = now()
         engine.step()
         if before >= 10:
-            seconds += now() - start
-            made += seq.num_output_tokens - before
+            took, got = now() - start, seq.num_output_tokens - before
+            seconds += took
+            made += got
+            per_step.append((got, round(took * 1e3, 3)))
+            if got == engine.config.decode_steps:
+                full.append(took / got)
     engine.config.pipeline_rounds = pipelined
     engine.output("bs1")
-    return seconds / max(made, 1)
+    return seconds / max(made, 1), statistics.median(full) if full else float("nan"), per_step
 
 
 def graph_replay_seconds(engine, reps: int = 200) -> float:
