@@ -304,14 +304,15 @@ class ModelRunner:
                 for _ in range(k - 1):  # each replay starts from the inputs the previous one advanced
                     self.graphs[bucket].replay()
                 first = 0
-            self.round_done.record()
+            self._copy_history(first, k)  # queued between this round and the next: the wait below is this round's
             if 1 <= next_steps <= self.max_decode_steps:
                 self._queue_round(seqs, bucket, next_steps)
                 # matched on ids and lengths only: the tables grow again (for the round after it) before the
                 # next call, and the round's own blocks were on the device when it was queued
                 self._ahead = (tuple((i, length + k) for i, length in _lengths(key)), next_steps,
                                (first + k) % self.g_hist.shape[0])
-            return self._read_history(first, k, n)
+            self.history_read.synchronize()
+            return self.h_hist[:k, :n].clone()
         ids = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long, device=self.device)
         adapters = [s.adapter_id for s in seqs]
         tokens = []
@@ -378,8 +379,7 @@ class ModelRunner:
         # two rounds deep: a round queued ahead (decode_steps' next_steps) writes rows the host is not reading
         self.g_hist = torch.zeros(2 * self.max_decode_steps, max_bs, dtype=torch.long, device=self.device)
         self.h_hist = torch.zeros_like(self.g_hist, device="cpu").pin_memory()
-        self.read_stream = torch.cuda.Stream(self.device)
-        self.round_done, self.read_done = torch.cuda.Event(), torch.cuda.Event()
+        self.history_read = torch.cuda.Event()
         # the graphs write into these buffers on every replay: they must live as long as the graphs (a local
         # would return them to the allocator, which hands them to the next tensor — the graphs then clobber it)
         self._argmax = argmax = Argmax(max_bs, self.args.vocab_size, self.device)
@@ -422,21 +422,18 @@ class ModelRunner:
         for _ in range(steps):
             self.graphs[bucket].replay()
 
-    def _read_history(self, first: int, k: int, n: int) -> torch.Tensor:
-        """The history rows ``first .. first + k`` (mod its depth) of the first ``n`` columns, once the
-        replays before ``round_done`` have run: copied on a side stream, so a round queued after them
-        keeps the GPU busy meanwhile (it writes other rows)."""
+    def _copy_history(self, first: int, k: int) -> None:
+        """Queue the copy of history rows ``first .. first + k`` (mod its depth) to pinned memory, in stream
+        order after the replays queued so far; ``history_read`` marks its end. A round queued after it
+        runs while the host waits for this copy alone (the round writes other rows). (Not a side stream:
+        work on it would also wait for everything queued on the default stream before it — the next round.)"""
         depth = self.g_hist.shape[0]
         first %= depth
         head = min(k, depth - first)  # rows before the ring wraps around
-        with torch.cuda.stream(self.read_stream):  # whole rows: contiguous copies, straight into pinned memory
-            self.read_stream.wait_event(self.round_done)
-            self.h_hist[:head].copy_(self.g_hist[first:first + head], non_blocking=True)
-            if head < k:
-                self.h_hist[head:k].copy_(self.g_hist[:k - head], non_blocking=True)
-            self.read_done.record()
-        self.read_done.synchronize()
-        return self.h_hist[:k, :n].clone()
+        self.h_hist[:head].copy_(self.g_hist[first:first + head], non_blocking=True)  # whole rows: contiguous copies
+        if head < k:
+            self.h_hist[head:k].copy_(self.g_hist[:k - head], non_blocking=True)
+        self.history_read.record()
 
     def _replay(self, seqs: list) -> torch.Tensor:
         """A decode step of ``seqs`` through its bucket's graph."""
