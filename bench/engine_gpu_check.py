@@ -199,12 +199,12 @@ def parity_checks(model_dir: str, device: str, smoke: bool, launch_ahead: bool =
     # sequences that stop mid-round (a stop token from their own greedy output): the round queued ahead of
     # each stop is discarded; the tokens must equal the same engine's without rounds queued ahead
     stopping = [SamplingParams(max_tokens=32, temperature=0.0, stop_token_ids=[t[11 + i % 9]]) for i, t in enumerate(engine_greedy)]
-    stopped = {}
+    stopped, default_pipelined = {}, llm.engine.config.pipeline_rounds
     for pipelined in (True, False):
         llm.engine.config.pipeline_rounds = pipelined
         stopped[pipelined] = ([o.outputs[0].token_ids for o in llm.generate(prompts, stopping)]
                               + [llm.generate([p], s)[0].outputs[0].token_ids for p, s in zip(prompts[:4], stopping)])
-    llm.engine.config.pipeline_rounds = True
+    llm.engine.config.pipeline_rounds = default_pipelined
     pipelined_match = sum(a == b for a, b in zip(stopped[True], stopped[False])) / len(stopped[True])
     llm.engine.config.decode_steps = 1  # the same engine and graphs, one token per engine step
     single = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] + small_batch_greedy(llm, prompts, greedy)

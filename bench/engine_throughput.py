@@ -119,7 +119,7 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 # pipeline_rounds through the engine config
 VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
             ("combine kernel", {"merge_in_kernel": False}), ("late epilogue", {"early_epilogue": False}),
-            ("rounds not pipelined", {"pipeline_rounds": False}))
+            ("rounds pipelined", {"pipeline_rounds": True}))
 KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel", "early_epilogue")
 
 
@@ -134,7 +134,7 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     roofline = nbytes / bandwidth
     row = {"weight_gb": nbytes / 1e9, "copy_bw_gb_s": bandwidth / 1e9, "roofline_ms": roofline * 1e3}
     on_gpu = engine.device.type == "cuda"
-    default_steps = engine.config.decode_steps
+    default_steps, default_pipelined = engine.config.decode_steps, engine.config.pipeline_rounds
     for variant, changes in VARIANTS:
         kernels = {key: changes.get(key, True) for key in KERNEL_SWITCHES}
         if not on_gpu and changes.keys() & kernels.keys():
@@ -142,15 +142,14 @@ def decode_roofline(llm, steps: int = 200) -> dict:
         if on_gpu:
             runner.set_kernels(**kernels)  # recaptures the decode graphs
         engine.config.decode_steps = changes.get("decode_steps", default_steps)
-        engine.config.pipeline_rounds = changes.get("pipeline_rounds", True)
+        engine.config.pipeline_rounds = changes.get("pipeline_rounds", default_pipelined)
         (step, round_median, per_step), replay = bs1_token_seconds(engine, steps), graph_replay_seconds(engine)
         row.update({f"step_ms_{variant}": step * 1e3, f"replay_ms_{variant}": replay * 1e3,
                     f"step_x_roofline_{variant}": step / roofline, f"replay_x_roofline_{variant}": replay / roofline,
                     f"round_median_ms_{variant}": round_median * 1e3, f"steps_{variant}": per_step})
         print(f"  bs1 {variant}: {step * 1e3:.3f} ms per token (median full step {round_median * 1e3:.3f}), "
               f"replay {replay * 1e3:.3f} ms, roofline {roofline * 1e3:.3f} ms", flush=True)
-    engine.config.decode_steps = default_steps
-    engine.config.pipeline_rounds = True
+    engine.config.decode_steps, engine.config.pipeline_rounds = default_steps, default_pipelined
     if on_gpu:
         runner.set_kernels(**{key: True for key in KERNEL_SWITCHES})
         row["replay_profile"] = replay_profile(engine)

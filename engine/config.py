@@ -26,8 +26,9 @@ class EngineConfig:
     decode_steps: int = 16
     # GPU graphs: queue the next multi-step round before reading the current one's tokens, so the host's
     # booking of a round overlaps the next round on the GPU (the queued round is discarded, its work
-    # wasted, if the batch changes: a sequence stops, a request arrives)
-    pipeline_rounds: bool = True
+    # wasted, if the batch changes: a sequence stops, a request arrives). Off by default: on an H100 it
+    # measured -5 % to +2.5 % per token at batch 1 (BENCHMARKS.md, session 9), not worth the wasted rounds
+    pipeline_rounds: bool = False
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)
     attention_backend: str = "auto"  # auto (triton on GPU, torch on CPU) | torch | triton
     adapter: str | None = None  # eval: PEFT adapter dir merged into the base weights at load time

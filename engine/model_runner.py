@@ -424,9 +424,8 @@ class ModelRunner:
 
     def _copy_history(self, first: int, k: int) -> None:
         """Queue the copy of history rows ``first .. first + k`` (mod its depth) to pinned memory, in stream
-        order after the replays queued so far; ``history_read`` marks its end. A round queued after it
-        runs while the host waits for this copy alone (the round writes other rows). (Not a side stream:
-        work on it would also wait for everything queued on the default stream before it — the next round.)"""
+        order after the replays queued so far; ``history_read`` marks its end, so a round queued after the
+        copy does not delay the host's wait (that round writes other rows)."""
         depth = self.g_hist.shape[0]
         first %= depth
         head = min(k, depth - first)  # rows before the ring wraps around
