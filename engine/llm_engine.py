@@ -200,18 +200,11 @@ class LLMEngine:
         device's argmax is its token), nothing waits to be admitted (it would wait the extra steps),
         and the free blocks cover every sequence's next positions; never past the longest remaining
         ``max_tokens`` or any sequence's ``max_model_len``."""
-        sched = self.scheduler
-        if self.config.decode_steps <= 1 or sched.waiting or not all(self._plain_greedy(s) and not s.forks for s in seqs):
+        if self.config.decode_steps <= 1 or self.scheduler.waiting or not all(self._plain_greedy(s) and not s.forks for s in seqs):
             return 1
-        steps = min(self.config.decode_steps, self.runner.max_decode_steps,
-                    max(s.params.max_tokens - s.num_output_tokens for s in seqs),
-                    min(self.max_model_len - len(s) + 1 for s in seqs))  # positions up to len + steps - 2
-        bm = sched.block_manager
-        need = sum(max(0, s.num_blocks_for(len(s) + steps - 1) - len(s.block_table)) for s in seqs)
-        if steps <= 1 or need > bm.num_free_blocks:
+        steps = self._round_length(seqs)
+        if steps <= 1 or not self._allocate_ahead(seqs, steps - 1):  # positions up to len + steps - 2
             return 1
-        for s in seqs:
-            bm.allocate(s, len(s) + steps - 1)
         return steps
 
     def _plan_next_round(self, seqs: list[Sequence], steps: int) -> int:
@@ -219,19 +212,30 @@ class LLMEngine:
         read (``engine.pipeline_rounds``; 0: none): the round ``_plan_decode_steps`` will plan if no
         sequence stops in this one, with its blocks allocated now — through the position after it,
         whose slot the round's last step computes on the device for the round after."""
-        sched = self.scheduler
-        if not (self.config.pipeline_rounds and self.runner.graphs) or sched.waiting:
+        if not (self.config.pipeline_rounds and self.runner.graphs) or self.scheduler.waiting:
             return 0
-        nxt = min(self.config.decode_steps, self.runner.max_decode_steps,
-                  max(s.params.max_tokens - s.num_output_tokens - steps for s in seqs),
-                  min(self.max_model_len - len(s) - steps + 1 for s in seqs))
-        bm = sched.block_manager
-        need = sum(max(0, s.num_blocks_for(len(s) + steps + nxt) - len(s.block_table)) for s in seqs)
-        if nxt < 2 or need > bm.num_free_blocks:
+        nxt = self._round_length(seqs, ahead=steps)
+        if nxt < 2 or not self._allocate_ahead(seqs, steps + nxt):
             return 0
-        for s in seqs:
-            bm.allocate(s, len(s) + steps + nxt)
         return nxt
+
+    def _round_length(self, seqs: list[Sequence], ahead: int = 0) -> int:
+        """Steps of a multi-step round of ``seqs`` that starts ``ahead`` tokens from now: at most
+        ``decode_steps``, never past the longest remaining ``max_tokens`` or any sequence's ``max_model_len``."""
+        return min(self.config.decode_steps, self.runner.max_decode_steps,
+                   max(s.params.max_tokens - s.num_output_tokens - ahead for s in seqs),
+                   min(self.max_model_len - len(s) - ahead + 1 for s in seqs))
+
+    def _allocate_ahead(self, seqs: list[Sequence], extra: int) -> bool:
+        """Grow every sequence's blocks to hold ``len(seq) + extra`` tokens — all of them, or none (False)
+        when the free blocks do not cover them."""
+        bm = self.scheduler.block_manager
+        need = sum(max(0, s.num_blocks_for(len(s) + extra) - len(s.block_table)) for s in seqs)
+        if need > bm.num_free_blocks:
+            return False
+        for s in seqs:
+            bm.allocate(s, len(s) + extra)
+        return True
 
     @staticmethod
     def _plain_greedy(seq: Sequence) -> bool:

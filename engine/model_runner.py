@@ -298,8 +298,7 @@ class ModelRunner:
             if ahead is not None and ahead[0] == _lengths(key) and ahead[1] == k:
                 first = ahead[2]  # the whole round is queued already
             else:
-                queued = 1 if ahead == (key, 1, 0) else 0  # launch_ahead queued step 1
-                if not queued:
+                if ahead != (key, 1, 0):  # else launch_ahead queued step 1
                     self._replay(seqs)
                 for _ in range(k - 1):  # each replay starts from the inputs the previous one advanced
                     self.graphs[bucket].replay()
