@@ -108,7 +108,7 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
                    preemptions=llm.stats()["preemptions"])
     if "bs1" in args.sections:
         print("  bs1 decode vs roofline", flush=True)
-        row.update(decode_roofline(llm, 20 if args.smoke else 200))
+        row.update(decode_roofline(llm, 20 if args.smoke else 200, args.variants))
     del llm
     release_memory()
     return row
@@ -123,7 +123,7 @@ VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"deco
 KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel", "early_epilogue")
 
 
-def decode_roofline(llm, steps: int = 200) -> dict:
+def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None) -> dict:
     """Batch-1 decode against the roofline under each of ``VARIANTS`` in one process: ``step_ms_<v>``
     is the wall time per generated token (``steps`` greedy tokens), ``replay_ms_<v>`` the GPU time of
     one graph replay; plus the replay's kernel profile with the defaults."""
@@ -136,6 +136,8 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     on_gpu = engine.device.type == "cuda"
     default_steps, default_pipelined = engine.config.decode_steps, engine.config.pipeline_rounds
     for variant, changes in VARIANTS:
+        if variants is not None and variant not in variants:
+            continue
         kernels = {key: changes.get(key, True) for key in KERNEL_SWITCHES}
         if not on_gpu and changes.keys() & kernels.keys():
             continue  # no GEMV or PDL on CPU: the same as the defaults
@@ -153,6 +155,7 @@ def decode_roofline(llm, steps: int = 200) -> dict:
     if on_gpu:
         runner.set_kernels(**{key: True for key in KERNEL_SWITCHES})
         row["replay_profile"] = replay_profile(engine)
+        row["stage_timeline"] = stage_timeline(engine)
         row["live_timeline"] = live_timeline(engine)
         row["gemv_choices"] = runner.gemv_tuning
         print_table("GEMV choice per projection group (timed at start-up, all layers' weights in one CUDA graph)",
@@ -239,6 +242,51 @@ def replay_profile(engine, replays: int = 20, top: int = 8) -> list[dict]:
     print_table("bs1 replay kernel profile (GEMV on)", kernels, [("kernel", "kernel"), ("calls_per_replay", "calls"),
                                                                ("us_per_replay", "us / replay"), ("share", "share")])
     return kernels
+
+
+def stage_timeline(engine, context: int = 256) -> dict:
+    """The batch-1 replay's critical path stage by stage: the decode graph recaptured with per-program
+    timestamps (engine/kernels/timeline.py), replayed over a ``context``-token context; per kind of
+    launch, the mean over the decoder layers after the first of its stage time (its last program's end
+    minus its predecessor's), its release after the predecessor's end (the PDL boundary), the work
+    left once released, and how long its programs were resident before the predecessor ended."""
+    import torch
+
+    from engine.kernels import timeline
+
+    runner = engine.runner
+    record = timeline.Timeline(engine.device, batch=1)
+    timeline.recording(record)
+    try:
+        runner.set_kernels()  # recaptures: the batch-1 graph with stamps
+    finally:
+        timeline.recording(None)
+    stamped_ms = graph_replay_seconds(engine) * 1e3
+    graph = runner.dry_replay_graph(1, context)
+    record.clear()
+    for _ in range(3):  # the stamps of the last replay, which followed another
+        graph.replay()
+    torch.cuda.synchronize()
+    spans = record.spans()
+    runner.set_kernels()  # graphs without stamps again
+    plain_ms = graph_replay_seconds(engine) * 1e3
+    costs = timeline.stage_costs(spans)  # costs[i] is launch i + 1 against launch i; launch 0 is layer 0's qkv
+    per_layer, layers = 5, sum(span["label"] == "attention" for span in spans)  # qkv, attention, o, gate_up, down
+    layer_costs = costs[per_layer - 1:per_layer - 1 + per_layer * (layers - 1)]
+    stages = []
+    for label in dict.fromkeys(c["label"] for c in layer_costs):
+        mine = [c for c in layer_costs if c["label"] == label]
+        stages.append({"stage": label, "programs": mine[0]["programs"], "launches": len(mine),
+                       **{key: statistics.mean(c[key] for c in mine) for key in ("stage", "release", "tail", "lead")}})
+    layer_us = sum(st["stage"] for st in stages)
+    print_table(f"bs1 replay stage by stage (us, mean over layers 1..; context {context}; replay {stamped_ms:.3f} ms with "
+                f"stamps, {plain_ms:.3f} without)", stages,
+                [("stage", "launch"), ("programs", "programs"), ("stage", "stage us"), ("release", "release after pred. us"),
+                 ("tail", "released -> end us"), ("lead", "resident before pred. end us")],
+                notes=[f"decoder layer: {layer_us:.2f} us (sum of the stage means); after the last layer: "
+                       + ", ".join(f"{c['label']} {c['stage']:.2f}" for c in costs[per_layer - 1 + per_layer * (layers - 1):])])
+    return {"context": context, "replay_ms_stamped": stamped_ms, "replay_ms": plain_ms, "layer_us": layer_us,
+            "stages": stages, "spans": spans}
 
 
 def live_timeline(engine, tokens: int = 96, skip: int = 16) -> dict:
@@ -407,7 +455,13 @@ def main() -> int:
     p.add_argument("--sections", type=csv_list, default=["throughput", "hf", "hf_cb", "bs1"],
                    help="what to run per shape: throughput (engine), hf (transformers static batches), "
                         "hf_cb (transformers continuous batching), bs1 (decode vs roofline)")
+    p.add_argument("--variants", type=csv_list, default=[name for name, _ in VARIANTS],
+                   help="bs1 variants to time, '_' for a space (default all: "
+                        + ", ".join(name.replace(" ", "_") for name, _ in VARIANTS) + "); 'default' always runs")
     args = p.parse_args()
+    args.variants = {"default", *(name.replace("_", " ") for name in args.variants)}
+    if args.variants - {name for name, _ in VARIANTS}:
+        p.error(f"--variants: unknown {', '.join(sorted(args.variants - {name for name, _ in VARIANTS}))}")
     unknown = set(args.sections) - {"throughput", "hf", "hf_cb", "bs1"}
     if unknown:
         p.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose from throughput, hf, hf_cb, bs1")

@@ -57,27 +57,35 @@ def _before_wait(ptx: str, needle: str) -> bool:
 
 
 BF16, F32, I32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1), torch.empty(1, dtype=torch.int32)
+I64 = torch.empty(1, dtype=torch.int64)
 
 
-@pytest.mark.parametrize("prologue, block_m, split_k, late, residual", [
-    (1, 1, 1, True, False),   # layer 0's qkv: add + RMSNorm prologue, late trigger
-    (0, 1, 2, False, True),   # o_proj: split-K with the residual epilogue
-    (2, 1, 3, False, True),   # down_proj: SiLU·mul prologue
-    (1, 16, 4, False, False),  # the tl.dot family (batches 2-8)
+@pytest.mark.parametrize("prologue, block_m, split_k, late, residual, stamps", [
+    (1, 1, 1, True, False, False),   # layer 0's qkv: add + RMSNorm prologue, late trigger
+    (0, 1, 2, False, True, False),   # o_proj: split-K with the residual epilogue
+    (2, 1, 3, False, True, False),   # down_proj: SiLU·mul prologue
+    (1, 16, 4, False, False, False),  # the tl.dot family (batches 2-8)
+    (0, 1, 2, False, True, True),    # o_proj recording a timeline (engine/kernels/timeline.py)
 ])
-def test_gemv_kernel_compiles_and_keeps_the_pdl_contract(prologue, block_m, split_k, late, residual):
+def test_gemv_kernel_compiles_and_keeps_the_pdl_contract(prologue, block_m, split_k, late, residual, stamps):
     from engine.kernels.gemv import _gemv_kernel
 
     args = dict(x_ptr=BF16, w_ptr=BF16, bias_ptr=BF16, y_ptr=BF16, inv_ptr=F32, norm_ptr=BF16, part_ptr=F32, ticket_ptr=I32,
-                res_ptr=BF16, stats_out_ptr=F32, M=1, N=1024, K=1024, x_stride=1024, stats_in_tiles=4, eps=1e-6)
+                res_ptr=BF16, stats_out_ptr=F32, M=1, N=1024, K=1024, x_stride=1024, stats_in_tiles=4, eps=1e-6,
+                stamp_ptr=I64)
     block_k = 1024 // split_k if split_k != 3 else 1024
     ptx = compile_for_hopper(_gemv_kernel, args, dict(
         PROLOGUE=prologue, HAS_BIAS=False, STATS_IN=prologue == 1 and not late, STATS_PAD=4, ADD_RESIDUAL=residual,
         BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 32, BLOCK_K=block_k, SPLIT_K=split_k, K_TILES=1,
-        PRECISION="tf32", USE_PDL=True, LATE_TRIGGER=late, EARLY_EPILOGUE=True), num_warps=8 if block_m == 1 else 4)
+        PRECISION="tf32", USE_PDL=True, LATE_TRIGGER=late, EARLY_EPILOGUE=True, STAMPS=stamps),
+        num_warps=8 if block_m == 1 else 4)
     assert _before_wait(ptx, "ld.global")  # the first weight tile streams while the predecessor finishes
     trigger, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
     assert (trigger > wait) if late else (0 <= trigger < wait)  # late trigger: dependents only after our wait
+    # a timeline: stamps at start, after the wait and at the end; none at all when not recording
+    assert ptx.count("%globaltimer") == (3 if stamps else 0)
+    if stamps:
+        assert ptx.find("%globaltimer") < wait < ptx.rfind("%globaltimer")
 
 
 @pytest.mark.parametrize("prologue, block_n, block_k, split_k", [(0, 2, 2048, 1), (2, 4, 4096, 1), (2, 4, 1024, 3)])
@@ -88,33 +96,35 @@ def test_gemv_epilogue_residual_is_requested_before_the_reduction(prologue, bloc
 
     k = 2048 if prologue == 0 else 3072
     args = dict(x_ptr=BF16, w_ptr=BF16, bias_ptr=BF16, y_ptr=BF16, inv_ptr=F32, norm_ptr=BF16, part_ptr=F32, ticket_ptr=I32,
-                res_ptr=BF16, stats_out_ptr=F32, M=1, N=1024, K=k, x_stride=k, stats_in_tiles=4, eps=1e-6)
+                res_ptr=BF16, stats_out_ptr=F32, M=1, N=1024, K=k, x_stride=k, stats_in_tiles=4, eps=1e-6, stamp_ptr=I64)
 
     def loads_before_barrier(early: bool) -> int:
         ptx = compile_for_hopper(_gemv_kernel, args, dict(
             PROLOGUE=prologue, HAS_BIAS=False, STATS_IN=False, STATS_PAD=4, ADD_RESIDUAL=True, BLOCK_M=1, BLOCK_N=block_n,
             BLOCK_K=block_k, SPLIT_K=split_k, K_TILES=1, PRECISION="tf32", USE_PDL=True, LATE_TRIGGER=False,
-            EARLY_EPILOGUE=early), num_warps=8, num_stages=1)
+            EARLY_EPILOGUE=early, STAMPS=False), num_warps=8, num_stages=1)
         return ptx[:ptx.find("bar.sync")].count("ld.global")
 
     assert loads_before_barrier(True) == loads_before_barrier(False) + 1
 
 
-@pytest.mark.parametrize("early_kv, merge", [(True, True), (False, True), (True, False)])
-def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge):
+@pytest.mark.parametrize("early_kv, merge, stamps", [(True, True, False), (False, True, False), (True, False, False),
+                                                     (True, True, True)])
+def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge, stamps):
     from engine.kernels.paged_attention import _decode_kernel
 
     args = dict(q_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16, out_ptr=BF16, part_ptr=F32, count_ptr=I32, tables_ptr=I32,
                 lens_ptr=I32, scale_log2=0.1, table_stride=64, q_stride=4096, pos_ptr=torch.empty(1, dtype=torch.int64),
                 cos_ptr=F32, sin_ptr=F32, q_norm_ptr=BF16, k_norm_ptr=BF16, slot_ptr=torch.empty(1, dtype=torch.int64),
-                cos_stride=128, eps=1e-6)
+                cos_stride=128, eps=1e-6, stamp_ptr=I64)
     ptx = compile_for_hopper(_decode_kernel, args, dict(
         NUM_KV_HEADS=8, GROUP=2, GROUP_PAD=16, GROUP_P2=2, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, NUM_SPLITS=16,
         SPLIT_TILE=16, PRECISION="tf32", USE_PDL=True, FUSED_ROPE=True, QK_NORM=True, MERGE_IN_KERNEL=merge,
-        EARLY_KV=early_kv, CACHE=".cg" if early_kv else ""), enable_fp_fusion=False)
+        EARLY_KV=early_kv, CACHE=".cg" if early_kv else "", STAMPS=stamps), enable_fp_fusion=False)
     # EARLY_KV: the cached K/V (through L2: .cg) is requested before waiting for the qkv GEMV
     assert _before_wait(ptx, "ld.global.cg") == early_kv
     assert ("atom.global.gpu.acq_rel.add" in ptx) == merge  # the split that arrives last merges
+    assert ptx.count("%globaltimer") == (3 if stamps else 0)
 
 
 def test_prefill_and_combine_kernels_compile():

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import use_pdl
+from engine.kernels import timeline, use_pdl
 
 MAX_M = 8  # beyond this the weight tile is reused enough that cuBLAS's GEMM wins
 PROLOGUES = ("none", "add_rms_norm", "silu_mul")
@@ -117,7 +117,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
                  ADD_RESIDUAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  K_TILES: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr,
-                 EARLY_EPILOGUE: tl.constexpr):
+                 EARLY_EPILOGUE: tl.constexpr, stamp_ptr, STAMPS: tl.constexpr):
+    started = timeline.now(STAMPS)
     if USE_PDL and not LATE_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     tile = tl.program_id(0)
@@ -142,6 +143,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         tl.extra.cuda.gdc_wait()
         if LATE_TRIGGER:  # the next kernel starts only once the previous one has completed (see gemv())
             tl.extra.cuda.gdc_launch_dependents()
+    released = timeline.now(STAMPS)
     residual = tl.zeros([BLOCK_M, BLOCK_N], y_ptr.dtype.element_ty)
     if ADD_RESIDUAL and EARLY_EPILOGUE:
         # requested with x, not after the reduction: the epilogue's add then waits on no L2 round trip
@@ -201,6 +203,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
     else:
         _store_out(y_ptr, bias, residual, stats_out_ptr, acc, tile, tl.num_programs(0), offs_m, mask_m, out_offs, out_mask,
                    HAS_BIAS, ADD_RESIDUAL)
+    timeline.stamp(stamp_ptr, tile * SPLIT_K + split, started, released, STAMPS)
 
 
 @triton.jit
@@ -294,6 +297,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     stats_in_tiles = stats.shape[1] if stats is not None else 1
     k_tiles = triton.cdiv(k, config.split_k * config.block_k)
     grid = (tiles, config.split_k)
+    stamps, recording = timeline.claim(f"gemv {n}x{k}", tiles * config.split_k, m, y)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else y, y, inv_rms,
         norm_weight if norm_weight is not None else weight, workspace.partials, workspace.tickets,
@@ -303,7 +307,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
         STATS_PAD=triton.next_power_of_2(stats_in_tiles), ADD_RESIDUAL=add_residual is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         K_TILES=k_tiles, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", USE_PDL=pdl, LATE_TRIGGER=late_trigger,
-        EARLY_EPILOGUE=_early_epilogue,
+        EARLY_EPILOGUE=_early_epilogue, stamp_ptr=stamps, STAMPS=recording,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if add_residual is not None:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import use_pdl
+from engine.kernels import timeline, use_pdl
 from engine.kernels.rope_kv import head_inv_rms, head_rms_norm, rope_halves, rope_row
 
 _LOG2E = 1.4426950408889634
@@ -142,7 +142,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_P2: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr,
-                   QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr, EARLY_KV: tl.constexpr, CACHE: tl.constexpr):
+                   QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr, EARLY_KV: tl.constexpr, CACHE: tl.constexpr,
+                   stamp_ptr, STAMPS: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
     ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
@@ -163,6 +164,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     slots, block tables and cached K/V are read before ``gdc_wait`` (through L2): only the
     new token's qkv row waits for the previous kernel, and the first K/V tile's HBM latency overlaps it."""
     HALF: tl.constexpr = HEAD_DIM // 2
+    started = timeline.now(STAMPS)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     if FUSED_ROPE and QK_NORM:  # weights: safe to read before gdc_wait
@@ -198,6 +200,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                                                   offs_h, HALF + offs_h, offs_h < HALF, dtype)
     if USE_PDL and EARLY_KV:
         tl.extra.cuda.gdc_wait()  # the qkv rows: the previous kernel's output
+    released = timeline.now(STAMPS)
     if FUSED_ROPE:
         row = q_ptr + seq.to(tl.int64) * q_stride
         q_lo = tl.load(row + heads[:, None] * HEAD_DIM + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
@@ -259,6 +262,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                     _merge_splits(part_ptr + (seq * num_heads + first_head) * NUM_SPLITS * (HEAD_DIM + 2),
                                   out_ptr + (seq * num_heads + first_head) * HEAD_DIM, live, GROUP, GROUP_P2, NUM_SPLITS, SPLIT_TILE,
                                   HEAD_DIM)
+    timeline.stamp(stamp_ptr, (seq * NUM_KV_HEADS + kv_head) * NUM_SPLITS + split, started, released, STAMPS)
 
 
 @triton.jit
@@ -380,13 +384,14 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     pdl = use_pdl(q.device)
     positions, cos, sin, q_norm, k_norm, slots, cos_stride, eps = rope or (out, out, out, None, None, out, 0, 0.0)
     qk_norm = q_norm is not None
+    stamps, recording = timeline.claim("attention", num_seqs * num_kv_heads * num_splits, num_seqs, out)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partials, counters, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0),
         q.stride(0), positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, group_p2), GROUP_P2=group_p2, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLIT_TILE=split_tile, PRECISION=_precision(q),
         USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge, EARLY_KV=early_kv,
-        CACHE=".cg" if early_kv else "",
+        CACHE=".cg" if early_kv else "", stamp_ptr=stamps, STAMPS=recording,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )
