@@ -249,7 +249,9 @@ def stage_timeline(engine, context: int = 256) -> dict:
     timestamps (engine/kernels/timeline.py), replayed over a ``context``-token context; per kind of
     launch, the mean over the decoder layers after the first of its stage time (its last program's end
     minus its predecessor's), its release after the predecessor's end (the PDL boundary), the work
-    left once released, and how long its programs were resident before the predecessor ended."""
+    left once released, and how long its programs were resident before the predecessor ended; and the
+    kernels' marked points after release (GEMV: product reduced; attention: q roped / split attended /
+    partial counted)."""
     import torch
 
     from engine.kernels import timeline
@@ -276,13 +278,15 @@ def stage_timeline(engine, context: int = 256) -> dict:
     stages = []
     for label in dict.fromkeys(c["label"] for c in layer_costs):
         mine = [c for c in layer_costs if c["label"] == label]
-        stages.append({"stage": label, "programs": mine[0]["programs"], "launches": len(mine),
-                       **{key: statistics.mean(c[key] for c in mine) for key in ("stage", "release", "tail", "lead")}})
+        marks = [[c["marks"][i] for c in mine if c["marks"][i] is not None] for i in range(len(mine[0]["marks"]))]
+        stages.append({"launch": label, "programs": mine[0]["programs"], "launches": len(mine),
+                       **{key: statistics.mean(c[key] for c in mine) for key in ("stage", "release", "tail", "lead")},
+                       "marks": " / ".join(f"{statistics.mean(m):.2f}" for m in marks if m)})
     layer_us = sum(st["stage"] for st in stages)
     print_table(f"bs1 replay stage by stage (us, mean over layers 1..; context {context}; replay {stamped_ms:.3f} ms with "
                 f"stamps, {plain_ms:.3f} without)", stages,
-                [("stage", "launch"), ("programs", "programs"), ("stage", "stage us"), ("release", "release after pred. us"),
-                 ("tail", "released -> end us"), ("lead", "resident before pred. end us")],
+                [("launch", "launch"), ("programs", "programs"), ("stage", "stage us"), ("release", "release after pred. us"),
+                 ("tail", "released -> end us"), ("marks", "marks after release us"), ("lead", "resident before pred. end us")],
                 notes=[f"decoder layer: {layer_us:.2f} us (sum of the stage means); after the last layer: "
                        + ", ".join(f"{c['label']} {c['stage']:.2f}" for c in costs[per_layer - 1 + per_layer * (layers - 1):])])
     return {"context": context, "replay_ms_stamped": stamped_ms, "replay_ms": plain_ms, "layer_us": layer_us,

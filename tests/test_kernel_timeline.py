@@ -18,7 +18,7 @@ def test_claims_only_the_recorded_batch_size_and_only_while_recording():
     timeline.recording(record)
     try:
         rows, on = timeline.claim("gemv 8x8", 4, 1, fallback)
-        assert on and rows.shape == (4, 4)
+        assert on and rows.shape == (4, 8)
         assert timeline.claim("gemv 8x8", 4, 2, fallback) == (fallback, False)  # a batch-2 graph's launch
         timeline.claim("attention", 8, 1, fallback)
         with pytest.raises(RuntimeError, match="full"):
@@ -38,13 +38,15 @@ def test_spans_and_stage_costs_follow_the_critical_path():
     finally:
         timeline.recording(None)
     t = 1_000_000  # ns; rows: start, released, end, SM
-    gemv.copy_(torch.tensor([[t, t + 500, t + 3000, 0], [t + 100, t + 600, t + 4000, 1]]))
-    attention.copy_(torch.tensor([[t + 1000, t + 4800, t + 6000, 2], [t + 1500, t + 4900, t + 6500, 2]]))
+    gemv[:, :4] = torch.tensor([[t, t + 500, t + 3000, 0], [t + 100, t + 600, t + 4000, 1]])
+    attention[:, :4] = torch.tensor([[t + 1000, t + 4800, t + 6000, 2], [t + 1500, t + 4900, t + 6500, 2]])
+    attention[:, 4] = torch.tensor([t + 5200, t + 5600])  # one marked point, after the attention proper
     spans = record.spans()
     assert [s["label"] for s in spans] == ["gemv", "attention"]
     assert spans[1] == {"label": "attention", "programs": 2, "first_start": 1000, "last_start": 1500, "first_release": 4800,
-                        "last_release": 4900, "last_end": 6500, "sms": 1}
+                        "last_release": 4900, "last_end": 6500, "sms": 1, "last_marks": [5600, None, None, None]}
     (cost,) = timeline.stage_costs(spans)
     # the attention ended 2.5 us after the GEMV's last program; it was released 0.8 us after that end, its
     # programs had been resident for 2.5 us, and its work after release took 1.7 us
-    assert cost == {"label": "attention", "programs": 2, "stage": 2.5, "release": 0.8, "tail": 1.7, "lead": 2.5}
+    assert cost == {"label": "attention", "programs": 2, "stage": 2.5, "release": 0.8, "tail": 1.7, "lead": 2.5,
+                    "marks": [0.8, None, None, None]}

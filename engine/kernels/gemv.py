@@ -185,6 +185,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
             w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             x = _load_x(x_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K, PROLOGUE)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    timeline.mark(stamp_ptr, tile * SPLIT_K + split, 0, STAMPS)  # the product is reduced
     if ADD_RESIDUAL and not EARLY_EPILOGUE:
         residual = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
     if SPLIT_K > 1:

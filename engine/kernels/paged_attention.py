@@ -165,6 +165,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     new token's qkv row waits for the previous kernel, and the first K/V tile's HBM latency overlaps it."""
     HALF: tl.constexpr = HEAD_DIM // 2
     started = timeline.now(STAMPS)
+    program = (tl.program_id(0) * NUM_KV_HEADS + tl.program_id(1)) * NUM_SPLITS + tl.program_id(2)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     if FUSED_ROPE and QK_NORM:  # weights: safe to read before gdc_wait
@@ -225,6 +226,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                 cache_row = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
                 tl.store(k_cache_ptr + cache_row + offs_d, k_new)
                 tl.store(v_cache_ptr + cache_row + offs_d, v_new)
+        timeline.mark(stamp_ptr, program, 0, STAMPS)  # q (and the new key) normed and rotated
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -243,6 +245,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                 # p rounded to the cache dtype, as the tiles' p feeds tl.dot
                 acc = acc * alpha[:, None] + p.to(dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
                 m = m_new
+        timeline.mark(stamp_ptr, program, 1, STAMPS)  # the split attended
         num_heads: tl.constexpr = NUM_KV_HEADS * GROUP
         if NUM_SPLITS == 1:
             out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
@@ -256,13 +259,15 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
             if MERGE_IN_KERNEL:
                 tl.debug_barrier()  # every thread's partial stores happen before the release below
                 counter = count_ptr + seq * NUM_KV_HEADS + kv_head
-                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == live - 1:  # the last split to finish
+                arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                timeline.mark(stamp_ptr, program, 2, STAMPS)  # its partial counted
+                if arrived == live - 1:  # the last split to finish
                     tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
                     first_head = kv_head * GROUP
                     _merge_splits(part_ptr + (seq * num_heads + first_head) * NUM_SPLITS * (HEAD_DIM + 2),
                                   out_ptr + (seq * num_heads + first_head) * HEAD_DIM, live, GROUP, GROUP_P2, NUM_SPLITS, SPLIT_TILE,
                                   HEAD_DIM)
-    timeline.stamp(stamp_ptr, (seq * NUM_KV_HEADS + kv_head) * NUM_SPLITS + split, started, released, STAMPS)
+    timeline.stamp(stamp_ptr, program, started, released, STAMPS)
 
 
 @triton.jit

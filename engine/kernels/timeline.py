@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-_FIELDS = 4  # start, after gdc_wait, end (ns, %globaltimer), SM id
+_FIELDS = 8  # start, after gdc_wait, end (ns, %globaltimer), SM id, then up to MARKS points a kernel marks
+MARKS = 4
 
 
 @dataclass
@@ -58,7 +59,8 @@ class Timeline:
     def spans(self) -> list[dict]:
         """Per launch, in launch order: ns relative to the first program's start of the first launch —
         ``first_start`` / ``last_start`` (programs resident), ``first_release`` / ``last_release`` (past
-        ``gdc_wait``), ``last_end``; programs that never ran (zeros) are left out."""
+        ``gdc_wait``), ``last_end``, ``last_marks`` (per mark, its latest program; None where none marked);
+        programs that never ran (zeros) are left out."""
         stamps = self.stamps[:self._next].cpu()
         rows, origin = [], None
         for launch in self.launches:
@@ -67,10 +69,12 @@ class Timeline:
             if not len(s):
                 continue
             origin = int(s[:, 0].min()) if origin is None else origin
+            marks = [s[s[:, 4 + i] > 0, 4 + i] for i in range(MARKS)]
             rows.append({"label": launch.label, "programs": launch.programs,
                          "first_start": int(s[:, 0].min()) - origin, "last_start": int(s[:, 0].max()) - origin,
                          "first_release": int(s[:, 1].min()) - origin, "last_release": int(s[:, 1].max()) - origin,
-                         "last_end": int(s[:, 2].max()) - origin, "sms": int(s[:, 3].unique().numel())})
+                         "last_end": int(s[:, 2].max()) - origin, "sms": int(s[:, 3].unique().numel()),
+                         "last_marks": [int(m.max()) - origin if len(m) else None for m in marks]})
         return rows
 
 
@@ -79,14 +83,16 @@ def stage_costs(spans: list[dict]) -> list[dict]:
     minus the predecessor's (the launch's share of the critical path); ``release`` = its first program
     past ``gdc_wait`` minus the predecessor's last end (the PDL boundary); ``tail`` = its last end minus
     its first release (the work left once released); ``lead`` = the predecessor's last end minus its
-    last program's start (> 0: every program was resident and waiting before the predecessor ended)."""
+    last program's start (> 0: every program was resident and waiting before the predecessor ended);
+    ``marks`` = each marked point's latest program after the first release (None: unmarked)."""
     out = []
     for before, span in zip(spans, spans[1:]):
         out.append({"label": span["label"], "programs": span["programs"],
                     "stage": (span["last_end"] - before["last_end"]) / 1e3,
                     "release": (span["first_release"] - before["last_end"]) / 1e3,
                     "tail": (span["last_end"] - span["first_release"]) / 1e3,
-                    "lead": (before["last_end"] - span["last_start"]) / 1e3})
+                    "lead": (before["last_end"] - span["last_start"]) / 1e3,
+                    "marks": [None if m is None else (m - span["first_release"]) / 1e3 for m in span.get("last_marks", [])]})
     return out
 
 
@@ -128,8 +134,17 @@ def stamp(stamp_ptr, program, start, released, STAMPS: tl.constexpr):
     last, after a CTA barrier so that every thread's final stores were issued before the end stamp."""
     if STAMPS:
         tl.debug_barrier()
-        row = stamp_ptr + program * 4
+        row = stamp_ptr + program * 8
         tl.store(row, start)
         tl.store(row + 1, released)
         tl.store(row + 2, tl.extra.cuda.globaltimer())
         tl.store(row + 3, tl.extra.cuda.smid().to(tl.int64))
+
+
+@triton.jit
+def mark(stamp_ptr, program, index: tl.constexpr, STAMPS: tl.constexpr):
+    """Intermediate point ``index`` (< MARKS) of program ``program``: the time once every thread of the
+    program has got here (a CTA barrier first: the values computed before it exist)."""
+    if STAMPS:
+        tl.debug_barrier()
+        tl.store(stamp_ptr + program * 8 + 4 + index, tl.extra.cuda.globaltimer())
