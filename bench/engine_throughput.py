@@ -119,8 +119,9 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 # pipeline_rounds through the engine config
 VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
             ("combine kernel", {"merge_in_kernel": False}), ("late epilogue", {"early_epilogue": False}),
-            ("rounds pipelined", {"pipeline_rounds": True}))
-KERNEL_SWITCHES = ("gemv", "pdl", "merge_in_kernel", "early_epilogue")
+            ("rounds pipelined", {"pipeline_rounds": True}), ("no prefetch", {"prefetch": 0}),
+            ("prefetch gate_up", {"prefetch": 1}))
+KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_epilogue": True, "prefetch": 2}  # the defaults
 
 
 def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None) -> dict:
@@ -138,7 +139,7 @@ def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None) -> 
     for variant, changes in VARIANTS:
         if variants is not None and variant not in variants:
             continue
-        kernels = {key: changes.get(key, True) for key in KERNEL_SWITCHES}
+        kernels = {key: changes.get(key, default) for key, default in KERNEL_SWITCHES.items()}
         if not on_gpu and changes.keys() & kernels.keys():
             continue  # no GEMV or PDL on CPU: the same as the defaults
         if on_gpu:
@@ -153,7 +154,7 @@ def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None) -> 
               f"replay {replay * 1e3:.3f} ms, roofline {roofline * 1e3:.3f} ms", flush=True)
     engine.config.decode_steps, engine.config.pipeline_rounds = default_steps, default_pipelined
     if on_gpu:
-        runner.set_kernels(**{key: True for key in KERNEL_SWITCHES})
+        runner.set_kernels(**KERNEL_SWITCHES)
         row["replay_profile"] = replay_profile(engine)
         row["stage_timeline"] = stage_timeline(engine)
         row["live_timeline"] = live_timeline(engine)

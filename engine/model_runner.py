@@ -83,10 +83,11 @@ class ModelRunner:
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
 
     def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None,
-                    early_epilogue: bool | None = None) -> None:
+                    early_epilogue: bool | None = None, prefetch: int | None = None) -> None:
         """Switch the Triton GEMV, PDL, the decode attention's in-kernel split merge and/or the GEMV's
-        early epilogue loads on or off (benchmarks A/B them in one process); recaptures the graphs, which
-        keep the kernels and launch attributes they were captured with."""
+        early epilogue loads on or off, or set how many MLP weights the decode attention prefetches into
+        L2 (benchmarks A/B them in one process); recaptures the graphs, which keep the kernels and launch
+        attributes they were captured with."""
         if self.device.type != "cuda":
             raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
         if pdl is not None:
@@ -101,6 +102,10 @@ class ModelRunner:
             from engine.kernels.gemv import set_early_epilogue
 
             set_early_epilogue(early_epilogue)
+        if prefetch is not None:
+            from engine.kernels.paged_attention import set_prefetch
+
+            set_prefetch(prefetch)
         if gemv and not self._gemv_plans:
             self._plan_gemv()
         if gemv is not None:
@@ -358,6 +363,9 @@ class ModelRunner:
     def _capture_decode_graphs(self) -> None:
         from engine.kernels.argmax import Argmax
         from engine.kernels.decode_advance import advance_decode_inputs
+        from engine.kernels.prefetch import prefetch_supported
+
+        prefetch_supported(self.device)  # its one-time probe launches a kernel: before any capture
 
         max_bs, width = self.graph_buckets[-1], self.max_blocks_per_seq
         # One int64 buffer holds every graph input (ids | positions | slots | adapter slots | context

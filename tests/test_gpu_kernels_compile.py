@@ -108,23 +108,27 @@ def test_gemv_epilogue_residual_is_requested_before_the_reduction(prologue, bloc
     assert loads_before_barrier(True) == loads_before_barrier(False) + 1
 
 
-@pytest.mark.parametrize("early_kv, merge, stamps", [(True, True, False), (False, True, False), (True, False, False),
-                                                     (True, True, True)])
-def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge, stamps):
+@pytest.mark.parametrize("early_kv, merge, stamps, prefetch", [(True, True, False, 2), (False, True, False, 0),
+                                                               (True, False, False, 0), (True, True, True, 1)])
+def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge, stamps, prefetch):
     from engine.kernels.paged_attention import _decode_kernel
 
     args = dict(q_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16, out_ptr=BF16, part_ptr=F32, count_ptr=I32, tables_ptr=I32,
                 lens_ptr=I32, scale_log2=0.1, table_stride=64, q_stride=4096, pos_ptr=torch.empty(1, dtype=torch.int64),
                 cos_ptr=F32, sin_ptr=F32, q_norm_ptr=BF16, k_norm_ptr=BF16, slot_ptr=torch.empty(1, dtype=torch.int64),
-                cos_stride=128, eps=1e-6, stamp_ptr=I64)
+                cos_stride=128, eps=1e-6, stamp_ptr=I64, pf0_ptr=BF16, pf0_numel=6291456, pf1_ptr=BF16, pf1_numel=3145728)
     ptx = compile_for_hopper(_decode_kernel, args, dict(
         NUM_KV_HEADS=8, GROUP=2, GROUP_PAD=16, GROUP_P2=2, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, NUM_SPLITS=16,
         SPLIT_TILE=16, PRECISION="tf32", USE_PDL=True, FUSED_ROPE=True, QK_NORM=True, MERGE_IN_KERNEL=merge,
-        EARLY_KV=early_kv, CACHE=".cg" if early_kv else "", STAMPS=stamps), enable_fp_fusion=False)
+        EARLY_KV=early_kv, CACHE=".cg" if early_kv else "", STAMPS=stamps, PREFETCH=prefetch, PF_GRANULE=8),
+        enable_fp_fusion=False)
     # EARLY_KV: the cached K/V (through L2: .cg) is requested before waiting for the qkv GEMV
     assert _before_wait(ptx, "ld.global.cg") == early_kv
     assert ("atom.global.gpu.acq_rel.add" in ptx) == merge  # the split that arrives last merges
     assert ptx.count("%globaltimer") == (6 if stamps else 0)  # and three marks: roped, attended, arrived
+    # the idle splits' L2 prefetch of the MLP's weights: one bulk prefetch per range, after the wait
+    assert ptx.count("cp.async.bulk.prefetch.L2") == prefetch
+    assert not prefetch or ptx.find("cp.async.bulk.prefetch.L2") > ptx.find("griddepcontrol.wait")
 
 
 def test_prefill_and_combine_kernels_compile():
