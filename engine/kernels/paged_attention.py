@@ -359,14 +359,26 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
 
 _merge_in_kernel = True
 _prefetch_ranges = 2
+_PREFETCH_BYTES = 24 << 20  # in all: half an H100's L2 (a 1B's gate_up alone is 67 MB, which would evict itself)
 
 
 def set_prefetch(ranges: int) -> None:
     """Process-wide: how many of the weights passed as ``prefetch`` (the model passes its layer's gate_up
-    and down) the decode attention's idle splits ask L2 for — 0 turns the prefetch off (benchmarks A/B
-    it; the model runner recaptures its graphs after switching)."""
+    and down) the decode attention's idle splits ask L2 for, in order and at most ``_PREFETCH_BYTES`` in
+    all — 0 turns the prefetch off (benchmarks A/B it; the model runner recaptures its graphs after switching)."""
     global _prefetch_ranges
-    _prefetch_ranges = int(ranges)
+    _prefetch_ranges = max(0, min(int(ranges), 2))  # the kernel takes two ranges
+
+
+def _prefetch_plan(weights: tuple, budget: int = _PREFETCH_BYTES) -> list[tuple[torch.Tensor, int]]:
+    """(weight, elements to prefetch from its start) for the first ``_prefetch_ranges`` weights, cut to the byte budget."""
+    plan = []
+    for w in weights[:_prefetch_ranges]:
+        numel = min(w.numel(), budget // w.element_size())
+        if numel > 0:
+            plan.append((w, numel))
+        budget -= numel * w.element_size()
+    return plan
 _split_counters: dict[torch.device, torch.Tensor] = {}
 
 
@@ -419,10 +431,10 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     positions, cos, sin, q_norm, k_norm, slots, cos_stride, eps = rope or (out, out, out, None, None, out, 0, 0.0)
     qk_norm = q_norm is not None
     stamps, recording = timeline.claim("attention", num_seqs * num_kv_heads * num_splits, num_seqs, out)
-    ranges = [w for w in prefetch[:_prefetch_ranges] if w is not None]
+    ranges = _prefetch_plan(prefetch)
     if num_splits == 1 or not ranges or not prefetch_supported(q.device):
         ranges = []  # no idle splits, nothing asked, or no bulk prefetch on this GPU
-    pf = [(w, w.numel()) for w in ranges] + [(out, 0)] * (2 - len(ranges))
+    pf = ranges + [(out, 0)] * (2 - len(ranges))
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partials, counters, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0),
         q.stride(0), positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
