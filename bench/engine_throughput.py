@@ -464,7 +464,8 @@ def main() -> int:
                    help="bs1 variants to time, '_' for a space (default all: "
                         + ", ".join(name.replace(" ", "_") for name, _ in VARIANTS) + "); 'default' always runs")
     args = p.parse_args()
-    args.variants = {"default", *(name.replace("_", " ") for name in args.variants)}
+    names = {name for name, _ in VARIANTS}
+    args.variants = {"default", *(name if name in names else name.replace("_", " ") for name in args.variants)}
     if args.variants - {name for name, _ in VARIANTS}:
         p.error(f"--variants: unknown {', '.join(sorted(args.variants - {name for name, _ in VARIANTS}))}")
     unknown = set(args.sections) - {"throughput", "hf", "hf_cb", "bs1"}
