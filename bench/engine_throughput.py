@@ -120,7 +120,7 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
             ("combine kernel", {"merge_in_kernel": False}), ("late epilogue", {"early_epilogue": False}),
             ("rounds pipelined", {"pipeline_rounds": True}), ("no prefetch", {"prefetch": 0}),
-            ("prefetch gate_up", {"prefetch": 1}))
+            ("prefetch 1 range", {"prefetch": 1}))
 KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_epilogue": True, "prefetch": 2}  # the defaults
 
 
