@@ -115,13 +115,14 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 
 
 # bs1 settings measured side by side in one engine: (name, changes from the engine defaults); GPU-only
-# switches (gemv, pdl, merge_in_kernel, early_epilogue) go through ModelRunner.set_kernels, decode_steps and
+# switches (KERNEL_SWITCHES) go through ModelRunner.set_kernels, decode_steps and
 # pipeline_rounds through the engine config
 VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
             ("combine kernel", {"merge_in_kernel": False}), ("late epilogue", {"early_epilogue": False}),
-            ("rounds pipelined", {"pipeline_rounds": True}), ("no prefetch", {"prefetch": 0}),
-            ("prefetch 1 range", {"prefetch": 1}))
-KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_epilogue": True, "prefetch": 2}  # the defaults
+            ("rounds pipelined", {"pipeline_rounds": True}), ("no kv prefetch", {"next_kv": False}),
+            ("weights evict normal", {"evict_first": False}), ("neither", {"next_kv": False, "evict_first": False}))
+KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_epilogue": True, "next_kv": True,
+                   "evict_first": True}  # the engine's defaults
 
 
 def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None) -> dict:

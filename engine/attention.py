@@ -60,11 +60,11 @@ class PagedAttention(nn.Module):
         # views into the engine's one KV tensor, attached by the model runner
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.next_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # the next layer's caches (GPU decode prefetches them)
 
     def forward(self, qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, q_norm: RMSNorm | None = None,
-                k_norm: RMSNorm | None = None, prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-        """qkv: [T, (heads + 2 * kv_heads) * D] -> [T, heads, D]; ``q_norm``/``k_norm``: Qwen3's; ``prefetch``:
-        weights a later kernel reads, asked of L2 by the Triton decode kernel's idle programs (a hint)."""
+                k_norm: RMSNorm | None = None) -> torch.Tensor:
+        """qkv: [T, (heads + 2 * kv_heads) * D] -> [T, heads, D]; ``q_norm``/``k_norm``: Qwen3's."""
         ctx = get_context()
         if ctx.backend == "triton":
             from engine.kernels import paged_attention as kernels
@@ -76,7 +76,7 @@ class PagedAttention(nn.Module):
                                                      ctx.slot_mapping, ctx.block_tables, ctx.context_lens, self.scale,
                                                      self.num_heads, ctx.decode_splits, counters=ctx.split_counters,
                                                      early_kv=True,  # layer 0's qkv GEMV triggers late (model.py)
-                                                     prefetch=prefetch)
+                                                     next_kv=self.next_kv)
             # one kernel for norm + RoPE of q and k, and k, v into the cache; then attention
             q = rope_store_kv(qkv, positions, rope.cos, rope.sin, *norm, self.k_cache, self.v_cache, ctx.slot_mapping,
                               self.num_heads, self.num_kv_heads)

@@ -111,12 +111,11 @@ class Attention(nn.Module):
         self.attn = PagedAttention(a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, stats: torch.Tensor | None, norm: RMSNorm,
-                positions: torch.Tensor, rope: RotaryEmbedding, prefetch: tuple[torch.Tensor, ...] = ()) -> Stream:
+                positions: torch.Tensor, rope: RotaryEmbedding) -> Stream:
         """The residual stream after attention (see ``Stream``); ``norm`` is the layer's input norm,
-        applied to ``h + residual`` (fused into the qkv projection where it can be). ``prefetch``: weights
-        of the kernels after o_proj, which the GPU decode attention asks L2 for while HBM would idle."""
+        applied to ``h + residual`` (fused into the qkv projection where it can be)."""
         qkv, residual = norm_linear(norm, self.qkv_proj, h, residual, stats, late_trigger=self.late_trigger)
-        out = self.attn(qkv, positions, rope, self.q_norm, self.k_norm, prefetch)  # q/k norm, RoPE, KV store, attention
+        out = self.attn(qkv, positions, rope, self.q_norm, self.k_norm)  # q/k norm, RoPE, KV store, attention
         return linear_residual(self.o_proj, out.flatten(1), residual)
 
 
@@ -146,9 +145,7 @@ class DecoderLayer(nn.Module):
         """Each residual add happens inside the following norm (``add_rms_norm``); at decode batch sizes
         on CUDA it runs in the epilogue of the GEMV before that norm and the norm inside the next
         projection's GEMV (see ``Stream``). The values are HF's either way."""
-        mlp = [self.mlp.gate_up_proj, self.mlp.down_proj]  # (an AWQ module keeps its own path: no prefetch)
-        h, residual, stats = self.self_attn(h, residual, stats, self.input_layernorm, positions, rope,
-                                            tuple(linear.weight for linear in mlp if type(linear) is Linear))
+        h, residual, stats = self.self_attn(h, residual, stats, self.input_layernorm, positions, rope)
         return self.mlp(h, residual, stats, self.post_attention_layernorm)
 
 

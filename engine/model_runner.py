@@ -83,11 +83,12 @@ class ModelRunner:
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
 
     def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None,
-                    early_epilogue: bool | None = None, prefetch: int | None = None) -> None:
-        """Switch the Triton GEMV, PDL, the decode attention's in-kernel split merge and/or the GEMV's
-        early epilogue loads on or off, or set how many MLP weights the decode attention prefetches into
-        L2 (benchmarks A/B them in one process); recaptures the graphs, which keep the kernels and launch
-        attributes they were captured with."""
+                    early_epilogue: bool | None = None, next_kv: bool | None = None,
+                    evict_first: bool | None = None) -> None:
+        """Switch the Triton GEMV, PDL, the decode attention's in-kernel split merge, the GEMV's early
+        epilogue loads, the decode attention's L2 prefetch of the next layer's K/V and/or the GEMV's
+        evict-first weight loads on or off (benchmarks A/B them in one process); recaptures the graphs,
+        which keep the kernels and launch attributes they were captured with."""
         if self.device.type != "cuda":
             raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
         if pdl is not None:
@@ -102,10 +103,14 @@ class ModelRunner:
             from engine.kernels.gemv import set_early_epilogue
 
             set_early_epilogue(early_epilogue)
-        if prefetch is not None:
-            from engine.kernels.paged_attention import set_prefetch
+        if next_kv is not None:
+            from engine.kernels.paged_attention import set_next_kv_prefetch
 
-            set_prefetch(prefetch)
+            set_next_kv_prefetch(next_kv)
+        if evict_first is not None:
+            from engine.kernels.gemv import set_evict_first
+
+            set_evict_first(evict_first)
         if gemv and not self._gemv_plans:
             self._plan_gemv()
         if gemv is not None:
@@ -171,8 +176,11 @@ class ModelRunner:
         n = num_blocks or self.num_blocks
         self.kv_cache = None  # release the old one first
         self.kv_cache = torch.zeros(2, a.num_layers, n, self.block_size, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
-        for i, attn in enumerate(self.model.attention_layers()):
+        layers = self.model.attention_layers()
+        for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            # the layer after it (the last layer's: layer 0, for the next step), prefetched by its decode attention
+            attn.next_kv = self.kv_cache[0, (i + 1) % len(layers)], self.kv_cache[1, (i + 1) % len(layers)]
 
     # ---------------------------------------------------------------- step inputs
     def _decode_splits(self, num_seqs: int) -> int | None:

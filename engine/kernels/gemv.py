@@ -117,7 +117,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
                  ADD_RESIDUAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  K_TILES: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr,
-                 EARLY_EPILOGUE: tl.constexpr, stamp_ptr, STAMPS: tl.constexpr):
+                 EARLY_EPILOGUE: tl.constexpr, stamp_ptr, STAMPS: tl.constexpr, EVICT: tl.constexpr):
     started = timeline.now(STAMPS)
     if USE_PDL and not LATE_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
@@ -139,7 +139,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         # without PDL compiles exactly as before; the compiler merges the two.)
         k0 = split * (K_TILES * BLOCK_K) + tl.arange(0, BLOCK_K)
         w0 = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + k0[None, :], mask=mask_n[:, None] & (k0 < K)[None, :],
-                     other=0.0)
+                     other=0.0, eviction_policy=EVICT)
         tl.extra.cuda.gdc_wait()
         if LATE_TRIGGER:  # the next kernel starts only once the previous one has completed (see gemv())
             tl.extra.cuda.gdc_launch_dependents()
@@ -170,7 +170,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         for t in range(T0, K_TILES):
             k = k_first + t * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = k < K
-            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy=EVICT)
             x = _load_x(x_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K, PROLOGUE)
             acc2 += w.to(tl.float32) * x.to(tl.float32)  # x: [1, BLOCK_K] broadcasts over the rows
         acc = tl.sum(acc2, 1)[None, :]
@@ -182,7 +182,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         for t in range(T0, K_TILES):
             k = k_first + t * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = k < K
-            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy=EVICT)
             x = _load_x(x_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K, PROLOGUE)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     timeline.mark(stamp_ptr, tile * SPLIT_K + split, 0, STAMPS)  # the product is reduced
@@ -224,6 +224,15 @@ def _store_out(y_ptr, bias, residual, stats_ptr, acc, tile, num_tiles, offs_m, m
 
 
 _early_epilogue = True
+_evict_first = True
+
+
+def set_evict_first(enabled: bool) -> None:
+    """Process-wide: load weights ``evict_first`` (each weight byte is read once per decode step, so L2
+    keeps what is reused — the K/V the decode attention prefetches a layer ahead) or with the default
+    policy (benchmarks A/B the two; the model runner recaptures its graphs)."""
+    global _evict_first
+    _evict_first = bool(enabled)
 
 
 def set_early_epilogue(enabled: bool) -> None:
@@ -308,7 +317,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
         STATS_PAD=triton.next_power_of_2(stats_in_tiles), ADD_RESIDUAL=add_residual is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         K_TILES=k_tiles, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", USE_PDL=pdl, LATE_TRIGGER=late_trigger,
-        EARLY_EPILOGUE=_early_epilogue, stamp_ptr=stamps, STAMPS=recording,
+        EARLY_EPILOGUE=_early_epilogue, stamp_ptr=stamps, STAMPS=recording, EVICT="evict_first" if _evict_first else "",
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if add_residual is not None:

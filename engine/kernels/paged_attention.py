@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import timeline, use_pdl
-from engine.kernels.prefetch import granule, prefetch_l2, prefetch_supported
+from engine.kernels.prefetch import prefetch_l2, prefetch_supported
 from engine.kernels.rope_kv import head_inv_rms, head_rms_norm, rope_halves, rope_row
 
 _LOG2E = 1.4426950408889634
@@ -144,8 +144,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr,
                    QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr, EARLY_KV: tl.constexpr, CACHE: tl.constexpr,
-                   stamp_ptr, STAMPS: tl.constexpr, pf0_ptr, pf0_numel, pf1_ptr, pf1_numel, PREFETCH: tl.constexpr,
-                   PF_GRANULE: tl.constexpr):
+                   stamp_ptr, STAMPS: tl.constexpr, next_k_ptr, next_v_ptr, NEXT_KV: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
     ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
@@ -166,9 +165,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     slots, block tables and cached K/V are read before ``gdc_wait`` (through L2): only the
     new token's qkv row waits for the previous kernel, and the first K/V tile's HBM latency overlaps it.
 
-    PREFETCH (1 or 2 ranges; engine/kernels/prefetch.py): the splits past the context, which have nothing
-    to attend, ask L2 for weights of the kernels after o_proj (the layer's MLP) once released, each
-    sequence's idle programs a share: HBM streams them while the live splits attend and merge."""
+    NEXT_KV (engine/kernels/prefetch.py): the splits past the context, which have nothing to attend, ask
+    L2 for the next layer's cached K/V blocks of their sequence (``next_k_ptr``/``next_v_ptr``: that
+    layer's caches), one 16-token block of every K/V head per bulk prefetch, so the next layer's
+    attention reads them from L2 instead of waiting for HBM behind o_proj's weight stream."""
     HALF: tl.constexpr = HEAD_DIM // 2
     started = timeline.now(STAMPS)
     program = (tl.program_id(0) * NUM_KV_HEADS + tl.program_id(1)) * NUM_SPLITS + tl.program_id(2)
@@ -208,18 +208,17 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     if USE_PDL and EARLY_KV:
         tl.extra.cuda.gdc_wait()  # the qkv rows: the previous kernel's output
     released = timeline.now(STAMPS)
-    if PREFETCH > 0:
-        if split >= live:
+    if NEXT_KV:
+        if split >= live:  # an idle split: deal the sequence's K and V blocks out over the idle programs' threads
             idle = NUM_SPLITS - live
-            index, count = kv_head * idle + split - live, NUM_KV_HEADS * idle
-            # a sequence's share in whole 16-byte granules: bulk prefetches need 16-byte aligned addresses
-            share0 = tl.cdiv(tl.cdiv(pf0_numel, tl.num_programs(0)), PF_GRANULE) * PF_GRANULE
-            prefetch_l2(pf0_ptr + seq * share0, tl.minimum(share0, pf0_numel - seq * share0), index, count, PF_GRANULE,
-                        tl.extra.cuda.num_threads())
-            if PREFETCH > 1:
-                share1 = tl.cdiv(tl.cdiv(pf1_numel, tl.num_programs(0)), PF_GRANULE) * PF_GRANULE
-                prefetch_l2(pf1_ptr + seq * share1, tl.minimum(share1, pf1_numel - seq * share1), index, count, PF_GRANULE,
-                            tl.extra.cuda.num_threads())
+            threads: tl.constexpr = tl.extra.cuda.num_threads()
+            piece = tl.arange(0, threads) * (NUM_KV_HEADS * idle) + kv_head * idle + split - live  # 2 per block: K, V
+            wanted = piece < 2 * tl.cdiv(cached_len, BLOCK_SIZE)
+            block = tl.load(tables_ptr + seq * table_stride + piece // 2, mask=wanted, other=0, cache_modifier=CACHE)
+            BLOCK_ELEMS: tl.constexpr = BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM
+            offset = block.to(tl.int64) * BLOCK_ELEMS
+            base = tl.where(piece % 2 == 0, next_k_ptr + offset, next_v_ptr + offset)
+            prefetch_l2(base, tl.where(wanted, BLOCK_ELEMS * next_k_ptr.dtype.element_ty.primitive_bitwidth // 8, 0))
     if FUSED_ROPE:
         row = q_ptr + seq.to(tl.int64) * q_stride
         q_lo = tl.load(row + heads[:, None] * HEAD_DIM + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
@@ -338,11 +337,11 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                           context_lens: torch.Tensor, scale: float, num_heads: int, num_splits: int | None = None,
                           merge_in_kernel: bool | None = None, counters: torch.Tensor | None = None,
-                          early_kv: bool = False, prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+                          early_kv: bool = False, next_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention straight from the qkv projection's output ``[num_seqs, (heads + 2 * kv_heads) * head_dim]``
     (contiguous rows): ``rope_store_kv`` (q/k norm, RoPE, the new K/V into the cache at ``slot_mapping``)
-    and ``decode_attention`` in one kernel -> ``[num_seqs, heads, head_dim]``. ``prefetch``: up to two
-    weights a later kernel reads, which the idle splits ask L2 for (see ``set_prefetch``)."""
+    and ``decode_attention`` in one kernel -> ``[num_seqs, heads, head_dim]``. ``next_kv``: the next
+    layer's (k_cache, v_cache), which the idle splits prefetch into L2 (see ``set_next_kv_prefetch``)."""
     head_dim = k_cache.shape[-1]
     num_kv_heads = k_cache.shape[2]
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
@@ -354,31 +353,20 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
         raise ValueError(f"rope_decode_attention: q/k norm weights ({q_norm_weight.dtype}) must be in the activation dtype {qkv.dtype}")
     rope = (positions, cos, sin, q_norm_weight, k_norm_weight, slot_mapping, cos.stride(0), eps)
     return _decode(qkv, rope, k_cache, v_cache, block_tables, context_lens, scale, num_splits, num_heads, merge_in_kernel,
-                   counters, early_kv, prefetch)
+                   counters, early_kv, next_kv)
 
 
 _merge_in_kernel = True
-_prefetch_ranges = 2
-_PREFETCH_BYTES = 24 << 20  # in all: half an H100's L2 (a 1B's gate_up alone is 67 MB, which would evict itself)
+_next_kv = True
 
 
-def set_prefetch(ranges: int) -> None:
-    """Process-wide: how many of the weights passed as ``prefetch`` (the model passes its layer's gate_up
-    and down) the decode attention's idle splits ask L2 for, in order and at most ``_PREFETCH_BYTES`` in
-    all — 0 turns the prefetch off (benchmarks A/B it; the model runner recaptures its graphs after switching)."""
-    global _prefetch_ranges
-    _prefetch_ranges = max(0, min(int(ranges), 2))  # the kernel takes two ranges
+def set_next_kv_prefetch(enabled: bool) -> None:
+    """Process-wide: the decode attention's idle splits prefetch the next layer's K/V into L2 (benchmarks
+    A/B it; the model runner recaptures its graphs after switching)."""
+    global _next_kv
+    _next_kv = bool(enabled)
 
 
-def _prefetch_plan(weights: tuple, budget: int = _PREFETCH_BYTES) -> list[tuple[torch.Tensor, int]]:
-    """(weight, elements to prefetch from its start) for the first ``_prefetch_ranges`` weights, cut to the byte budget."""
-    plan = []
-    for w in weights[:_prefetch_ranges]:
-        numel = min(w.numel(), budget // w.element_size())
-        if numel > 0:
-            plan.append((w, numel))
-        budget -= numel * w.element_size()
-    return plan
 _split_counters: dict[torch.device, torch.Tensor] = {}
 
 
@@ -405,7 +393,7 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             context_lens: torch.Tensor, scale: float, num_splits: int | None, num_heads: int,
             merge_in_kernel: bool | None, counters: torch.Tensor | None, early_kv: bool,
-            prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+            next_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Launch the decode kernel (and, without the in-kernel merge, its split combine): ``q`` rotated
     queries, or with ``rope`` the qkv rows."""
     num_seqs = q.shape[0]
@@ -431,10 +419,9 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     positions, cos, sin, q_norm, k_norm, slots, cos_stride, eps = rope or (out, out, out, None, None, out, 0, 0.0)
     qk_norm = q_norm is not None
     stamps, recording = timeline.claim("attention", num_seqs * num_kv_heads * num_splits, num_seqs, out)
-    ranges = _prefetch_plan(prefetch)
-    if num_splits == 1 or not ranges or not prefetch_supported(q.device):
-        ranges = []  # no idle splits, nothing asked, or no bulk prefetch on this GPU
-    pf = ranges + [(out, 0)] * (2 - len(ranges))
+    # idle splits exist only when the context is split; the caches' blocks are 16-byte multiples by construction
+    prefetch_next = _next_kv and next_kv is not None and num_splits > 1 and prefetch_supported(q.device)
+    next_k, next_v = next_kv if prefetch_next else (k_cache, v_cache)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partials, counters, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0),
         q.stride(0), positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
@@ -442,8 +429,7 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLIT_TILE=split_tile, PRECISION=_precision(q),
         USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge, EARLY_KV=early_kv,
         CACHE=".cg" if early_kv else "", stamp_ptr=stamps, STAMPS=recording,
-        pf0_ptr=pf[0][0], pf0_numel=pf[0][1], pf1_ptr=pf[1][0], pf1_numel=pf[1][1], PREFETCH=len(ranges),
-        PF_GRANULE=granule(pf[0][0]),
+        next_k_ptr=next_k, next_v_ptr=next_v, NEXT_KV=prefetch_next,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )

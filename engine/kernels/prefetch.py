@@ -1,22 +1,21 @@
-"""L2 prefetch (Hopper's ``cp.async.bulk.prefetch.L2``) of weights a later kernel of the step reads.
+"""L2 prefetch (Hopper's ``cp.async.bulk.prefetch.L2``) of the next layer's cached K/V at batch 1.
 
-A batch-1 decode layer streams its weights in four GEMVs, but between the qkv GEMV and o_proj the
-decode attention runs for several microseconds with almost nothing for HBM to do: its K/V is a few
-hundred KB and o_proj's weights (requested early under PDL) take ~1.4 us on a 0.6B. The stage-by-stage
-timeline (engine/kernels/timeline.py; BENCHMARKS.md, session 10) shows the next GEMVs' programs cannot
-be resident that early, so their weight streams start only when the attention and o_proj are nearly
-done. So the attention's idle programs (the context splits past a short context, which otherwise exit
-at once) ask L2 for the MLP's weights; gate_up and down then read them from L2. A prefetch is a hint
-with no result: it changes no value, only timing.
+The stage-by-stage timeline of a batch-1 decode step (engine/kernels/timeline.py; BENCHMARKS.md,
+session 10) shows the decode attention waiting ~2.5 us for its cached K/V: its programs become
+resident only when the qkv GEMV's programs leave (they fill the SMs' registers), so the K/V loads,
+issued first thing, start as o_proj's weight stream (requested early under PDL) starts too, and queue
+behind it in HBM. A layer's K/V at batch 1 is small (1 MB for a 0.6B at 256 tokens), so the
+attention's idle programs (the splits past a short context, which otherwise exit at once) ask L2
+for the *next* layer's K/V blocks; that attention then reads them from L2. The GEMVs load their
+weights ``evict_first`` (each weight byte is read once per step), so the K/V survives the ~30 MB of
+weights streamed between two attentions. A prefetch is a hint with no result: it changes no value.
 
-Earlier attempts prefetched from every GEMV, one or two projections ahead (sessions 6 and 8): there the
-requests competed with the GEMVs' own weight streams, which the PDL chain already overlapped, and lost.
+Earlier attempts prefetched weights (sessions 6, 8 and this one): weights are what HBM streams at
+full speed anyway, and extra weight requests only competed with the kernels' own streams.
 
-``prefetch_l2`` deals a range out in pieces of at least 4 KB over the participating programs' threads;
-each thread issues at most one bulk prefetch (16-byte granules; ``cp.async.bulk`` needs 16-byte
-alignment, which a torch allocation and every granule offset keep). The instruction is PTX 8.0 / sm_90:
-``prefetch_supported`` compiles and runs a probe once per device; the wrappers pass ``PREFETCH=False``
-wherever it failed (older GPUs, the Triton interpreter, which has no inline assembly).
+The instruction is PTX 8.0 / sm_90: ``prefetch_supported`` compiles and runs a probe once per device;
+the wrappers pass the prefetch off wherever it failed (older GPUs, the Triton interpreter, which has
+no inline assembly).
 """
 from __future__ import annotations
 
@@ -33,31 +32,20 @@ setp.gt.s32 p, $2, 0;
 @p cp.async.bulk.prefetch.L2.global [$1], $2;
 mov.b32 $0, 0;
 }""")
-_MIN_GRANULES = tl.constexpr(256)  # 16-byte granules per bulk prefetch, at least (4 KB: a smaller one costs about as much)
 
 
 @triton.jit
-def prefetch_l2(ptr, numel, index, count, GRANULE: tl.constexpr, THREADS: tl.constexpr):
-    """Ask L2 for participant ``index``'s share of ``ptr[0:numel]`` among ``count`` participating
-    programs (``GRANULE`` elements = 16 bytes; ``THREADS`` = the program's thread count): pieces of at
-    least 4 KB dealt round-robin (piece ``t * count + index`` to thread ``t``); threads without one issue nothing."""
-    granules = (numel + GRANULE - 1) // GRANULE
-    per_thread = tl.maximum((granules + count * THREADS - 1) // (count * THREADS), _MIN_GRANULES) * GRANULE
-    start = (tl.arange(0, THREADS) * count + index).to(tl.int64) * per_thread
-    pieces = tl.minimum(tl.maximum(numel - start, 0), per_thread)
-    nbytes = (pieces // GRANULE * 16).to(tl.int32)  # whole granules: a ragged tail (< 16 bytes) is not worth a fetch
-    tl.inline_asm_elementwise(_ASM, "=r,l,r", [ptr + start, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+def prefetch_l2(ptrs, nbytes):
+    """Elementwise: ask L2 for ``nbytes[i]`` bytes at ``ptrs[i]`` (16-byte aligned, a multiple of 16;
+    0 issues nothing)."""
+    tl.inline_asm_elementwise(_ASM, "=r,l,r", [ptrs, nbytes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
-def _probe_kernel(ptr, numel, out_ptr, GRANULE: tl.constexpr, THREADS: tl.constexpr):
-    prefetch_l2(ptr, numel, tl.program_id(0), tl.num_programs(0), GRANULE, THREADS)
+def _probe_kernel(ptr, out_ptr):
+    offs = tl.arange(0, 4)
+    prefetch_l2(ptr + offs * 2048, tl.where(offs < 3, 4096, 0))
     tl.store(out_ptr + tl.program_id(0), 1)
-
-
-def granule(tensor: torch.Tensor) -> int:
-    """Elements per 16 bytes of ``tensor``."""
-    return max(16 // tensor.element_size(), 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,7 +56,7 @@ def _probe(index: int) -> bool:
     try:
         data = torch.zeros(1 << 16, dtype=torch.bfloat16, device=device)
         out = torch.zeros(4, dtype=torch.int32, device=device)
-        compiled = _probe_kernel[(4,)](data, data.numel() - 8, out, GRANULE=granule(data), THREADS=128, num_warps=4)
+        compiled = _probe_kernel[(4,)](data, out, num_warps=4)
         torch.cuda.synchronize(device)
         if "cp.async.bulk.prefetch.L2" not in compiled.asm["ptx"] or int(out.sum()) != 4:
             raise RuntimeError("the probe kernel did not emit or run the prefetch")
