@@ -84,10 +84,10 @@ class ModelRunner:
 
     def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None,
                     early_epilogue: bool | None = None, next_kv: bool | None = None,
-                    evict_first: bool | None = None) -> None:
+                    evict_first: bool | None = None, early_table: bool | None = None) -> None:
         """Switch the Triton GEMV, PDL, the decode attention's in-kernel split merge, the GEMV's early
-        epilogue loads, the decode attention's L2 prefetch of the next layer's K/V and/or the GEMV's
-        evict-first weight loads on or off (benchmarks A/B them in one process); recaptures the graphs,
+        epilogue loads, the decode attention's L2 prefetch of the next layer's K/V, the GEMV's evict-first
+        weight loads and/or the decode attention's early block-id loads on or off (benchmarks A/B them in one process); recaptures the graphs,
         which keep the kernels and launch attributes they were captured with."""
         if self.device.type != "cuda":
             raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
@@ -107,6 +107,10 @@ class ModelRunner:
             from engine.kernels.paged_attention import set_next_kv_prefetch
 
             set_next_kv_prefetch(next_kv)
+        if early_table is not None:
+            from engine.kernels.paged_attention import set_early_table
+
+            set_early_table(early_table)
         if evict_first is not None:
             from engine.kernels.gemv import set_evict_first
 

@@ -71,11 +71,19 @@ def _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head,
     offs_n = start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < end
     block = tl.load(tables_ptr + seq * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0, cache_modifier=CACHE)
+    k, v = _kv_rows(k_cache_ptr, v_cache_ptr, block, offs_n, mask_n, kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, CACHE)
+    return k, v, offs_n, mask_n
+
+
+@triton.jit
+def _kv_rows(k_cache_ptr, v_cache_ptr, block, offs_n, mask_n, kv_head, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_SIZE: tl.constexpr, CACHE: tl.constexpr):
+    """K and V rows of positions ``offs_n`` (zeros where not ``mask_n``), given each position's cache block."""
     slot = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
     kv_offs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     k = tl.load(k_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0, cache_modifier=CACHE)
     v = tl.load(v_cache_ptr + kv_offs, mask=mask_n[:, None], other=0.0, cache_modifier=CACHE)
-    return k, v, offs_n, mask_n
+    return k, v
 
 
 @triton.jit
@@ -144,7 +152,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr,
                    QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr, EARLY_KV: tl.constexpr, CACHE: tl.constexpr,
-                   stamp_ptr, STAMPS: tl.constexpr, next_k_ptr, next_v_ptr, NEXT_KV: tl.constexpr):
+                   stamp_ptr, STAMPS: tl.constexpr, next_k_ptr, next_v_ptr, NEXT_KV: tl.constexpr,
+                   EARLY_TABLE: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
     ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
@@ -188,8 +197,15 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     offs_h = tl.arange(0, HALF)
     mask_g = offs_g < GROUP
     heads = kv_head * GROUP + offs_g  # the query heads sharing this K/V head
-    # the step's metadata, then the split's first K/V tile (length -> table -> K/V: the only chain of
-    # dependent loads; splits past the context load nothing)
+    # the step's metadata, then the split's first K/V tile. The length and the tile's block ids are requested
+    # together: the ids assume the context spans at most NUM_SPLITS tiles (then every split's chunk is one
+    # tile, at split * BLOCK_N), so the K/V rows are two dependent loads away (length and table -> K/V), not
+    # three; a longer context reads its ids again. Splits past the context load no K/V.
+    first_n = split * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_blocks = first_n
+    if EARLY_TABLE:
+        first_blocks = tl.load(tables_ptr + seq * table_stride + first_n // BLOCK_SIZE,
+                               mask=first_n < table_stride * BLOCK_SIZE, other=0, cache_modifier=CACHE)
     context_len = tl.load(lens_ptr + seq, cache_modifier=CACHE)
     cached_len = context_len
     if FUSED_ROPE:
@@ -198,8 +214,14 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     start = split * chunk
     split_end = tl.minimum(start + chunk, context_len)
     end = tl.minimum(split_end, cached_len)
-    k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
-                                      NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CACHE)
+    if EARLY_TABLE and chunk == BLOCK_N:
+        offs_n = first_n
+        mask_n = offs_n < end
+        k, v = _kv_rows(k_cache_ptr, v_cache_ptr, first_blocks, offs_n, mask_n, kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                        CACHE)
+    else:
+        k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
+                                          NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CACHE)
     if FUSED_ROPE:
         dtype: tl.constexpr = q_ptr.dtype.element_ty
         slot = tl.load(slot_ptr + seq, cache_modifier=CACHE)
@@ -357,7 +379,15 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
 
 
 _merge_in_kernel = True
-_next_kv = True
+_next_kv = False  # off: no faster in session 10's A/B (BENCHMARKS.md)
+_early_table = True
+
+
+def set_early_table(enabled: bool) -> None:
+    """Process-wide: request a split's first block ids with the context length (on) or after it (the
+    path before session 10; benchmarks A/B the two; the model runner recaptures its graphs)."""
+    global _early_table
+    _early_table = bool(enabled)
 
 
 def set_next_kv_prefetch(enabled: bool) -> None:
@@ -429,7 +459,7 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLIT_TILE=split_tile, PRECISION=_precision(q),
         USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge, EARLY_KV=early_kv,
         CACHE=".cg" if early_kv else "", stamp_ptr=stamps, STAMPS=recording,
-        next_k_ptr=next_k, next_v_ptr=next_v, NEXT_KV=prefetch_next,
+        next_k_ptr=next_k, next_v_ptr=next_v, NEXT_KV=prefetch_next, EARLY_TABLE=_early_table,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )
