@@ -115,8 +115,10 @@ def test_gemv_epilogue_residual_is_requested_before_the_reduction(prologue, bloc
 def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge, stamps, prefetch):
     from engine.kernels.paged_attention import _decode_kernel
 
-    args = dict(q_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16, out_ptr=BF16, part_ptr=F32, count_ptr=I32, tables_ptr=I32,
-                lens_ptr=I32, scale_log2=0.1, table_stride=64, q_stride=4096, pos_ptr=torch.empty(1, dtype=torch.int64),
+    # the graphs' lengths and tables are int64 (one int64 input buffer), eager steps' int32: both
+    meta = I64 if early_kv else I32
+    args = dict(q_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16, out_ptr=BF16, part_ptr=F32, count_ptr=I32, tables_ptr=meta,
+                lens_ptr=meta, scale_log2=0.1, table_stride=64, q_stride=4096, pos_ptr=torch.empty(1, dtype=torch.int64),
                 cos_ptr=F32, sin_ptr=F32, q_norm_ptr=BF16, k_norm_ptr=BF16, slot_ptr=torch.empty(1, dtype=torch.int64),
                 cos_stride=128, eps=1e-6, stamp_ptr=I64, next_k_ptr=BF16, next_v_ptr=BF16)
     ptx = compile_for_hopper(_decode_kernel, args, dict(

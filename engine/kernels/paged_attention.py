@@ -215,7 +215,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     split_end = tl.minimum(start + chunk, context_len)
     end = tl.minimum(split_end, cached_len)
     if EARLY_TABLE and chunk == BLOCK_N:
-        offs_n = first_n
+        offs_n = start + tl.arange(0, BLOCK_N)  # = first_n, in the length's integer type (int64 in the graphs)
         mask_n = offs_n < end
         k, v = _kv_rows(k_cache_ptr, v_cache_ptr, first_blocks, offs_n, mask_n, kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
                         CACHE)
