@@ -279,7 +279,37 @@ def engine_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_title("batch-1 greedy decode", fontsize=10)
             ax.legend(fontsize=7, loc="lower center", framealpha=0.9)
         ax.grid(axis="y", alpha=0.3)
-    return [_save(fig, out_dir / f"{_name(data)}.png", f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")]
+    return [_save(fig, out_dir / f"{_name(data)}.png", f"{_name(data)} on {_gpu(data)} ({data.get('commit', '?')})")] \
+        + stage_chart(data, out_dir)
+
+
+def stage_chart(data: dict[str, Any], out_dir: Path, layer: int = 14) -> list[Path]:
+    """engine_throughput's bs1 stage timeline: the kernels of one decoder layer (and the next layer's qkv)
+    of a batch-1 replay as bars from their first program's start (pale: resident, waiting) and first
+    release past ``gdc_wait`` (dark) to their last program's end, per shape."""
+    plt = _pyplot()
+
+    rows = [r for r in data.get("rows", []) if isinstance(r, dict) and (r.get("stage_timeline") or {}).get("spans")]
+    if not rows:
+        return []
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 2.6 * len(rows)), dpi=120, squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        spans = row["stage_timeline"]["spans"]
+        launches = spans[5 * layer:5 * layer + 6]
+        origin = launches[0]["first_start"]
+        for i, span in enumerate(launches):
+            y = len(launches) - 1 - i
+            start, release, end = ((span[key] - origin) / 1e3 for key in ("first_start", "first_release", "last_end"))
+            ax.barh(y, end - start, left=start, color="#c6dbef", height=0.6)
+            ax.barh(y, end - release, left=release, color="#1f77b4", height=0.6)
+            ax.annotate(f"{end - (launches[i - 1]['last_end'] - origin) / 1e3:.2f} us" if i else "", (end, y),
+                        xytext=(3, -3), textcoords="offset points", fontsize=7)
+        ax.set_yticks(range(len(launches)), [s["label"] for s in reversed(launches)], fontsize=7)
+        ax.set_xlabel(f"us (layer {layer}; labels: stage = end after the previous kernel's end)", fontsize=8)
+        ax.set_title(f"{row['shape']}: batch-1 replay, one decoder layer (replay {row['stage_timeline']['replay_ms']:.3f} ms)",
+                     fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    return [_save(fig, out_dir / f"{_name(data)}-stages.png")]
 
 
 def step_chart(data: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -108,7 +108,7 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
                    preemptions=llm.stats()["preemptions"])
     if "bs1" in args.sections:
         print("  bs1 decode vs roofline", flush=True)
-        row.update(decode_roofline(llm, 20 if args.smoke else 200, args.variants))
+        row.update(decode_roofline(llm, 20 if args.smoke else 200, args.variants, args.joint))
     del llm
     release_memory()
     return row
@@ -126,7 +126,7 @@ KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_ep
                    "evict_first": True, "early_table": True}  # the engine's defaults
 
 
-def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None) -> dict:
+def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None, joint: bool = False) -> dict:
     """Batch-1 decode against the roofline under each of ``VARIANTS`` in one process: ``step_ms_<v>``
     is the wall time per generated token (``steps`` greedy tokens), ``replay_ms_<v>`` the GPU time of
     one graph replay; plus the replay's kernel profile with the defaults."""
@@ -159,6 +159,8 @@ def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None) -> 
         runner.set_kernels(**KERNEL_SWITCHES)
         row["replay_profile"] = replay_profile(engine)
         row["stage_timeline"] = stage_timeline(engine)
+        if joint:
+            row["gemv_joint"] = gemv_joint_search(engine, steps, roofline)
         row["live_timeline"] = live_timeline(engine)
         row["gemv_choices"] = runner.gemv_tuning
         print_table("GEMV choice per projection group (timed at start-up, all layers' weights in one CUDA graph)",
@@ -168,6 +170,69 @@ def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None) -> 
     row.update(decode_step_ms=row["step_ms_default"], forward_ms=row["replay_ms_default"],
                x_roofline_engine_step=row["step_x_roofline_default"], x_roofline=row["replay_x_roofline_default"])
     return row
+
+
+def gemv_joint_search(engine, steps: int, roofline: float, alternatives: int = 3) -> dict:
+    """Whether the start-up tuner's per-projection GEMV choices (each timed alone, over its group's
+    layers) are best together in the batch-1 step: coordinate descent over the projection groups in
+    step order, each group trying its ``alternatives`` next-fastest candidates for one row, judged by
+    the replay time of the whole decode graph (recaptured per try); then ms per token with the result
+    against the tuner's choices, in this process."""
+    import math
+
+    from engine.kernels.gemv import candidate_configs
+
+    runner = engine.runner
+    plans = list({id(plan): plan for plan in runner._gemv_plans.values()}.values())  # one plan per group, in step order
+    rows = {(r["n"], r["k"], r["prologue"]): r for r in runner.gemv_tuning if r["rows"] == 1}
+    num_sms = torch_sms(engine.device)
+    tuned = {id(plan): plan.configs[1] for plan in plans}
+    best_ms, tries, searched = graph_replay_seconds(engine) * 1e3, [], set()
+    for linear, plan in list(runner._gemv_plans.items()):
+        if plan.configs[1] is None or id(plan) in searched:
+            continue  # cuBLAS chosen, or this group already searched (one linear per group suffices)
+        searched.add(id(plan))
+        n, k = linear.weight.shape
+        timed = rows[next(key for key in rows if key[:2] == (n, k))]["candidates_us"]
+        ranked = sorted(timed, key=timed.get)
+        by_name = {str(c): c for c in candidate_configs(n, k, 1, num_sms)}
+        current = plan.configs[1]
+        for name in [r for r in ranked if r != str(current)][:alternatives]:
+            if name not in by_name or not plan.workspace.fits(n, by_name[name]):
+                continue
+            plan.configs[1] = by_name[name]
+            runner.set_kernels()  # recapture with the candidate
+            ms = graph_replay_seconds(engine) * 1e3
+            tries.append({"projection": f"{n}x{k}", "config": name, "alone_us": timed[name], "replay_ms": ms})
+            if ms < best_ms * 0.995:  # a clear win (0.5 %) over the best so far
+                best_ms, current = ms, by_name[name]
+        plan.configs[1] = current
+    runner.set_kernels()
+    joint_step, _, _ = bs1_token_seconds(engine, steps)
+    joint_replay = graph_replay_seconds(engine) * 1e3
+    chosen = {id(plan): plan.configs[1] for plan in plans}
+    for plan in plans:
+        plan.configs[1] = tuned[id(plan)]
+    runner.set_kernels()
+    tuned_step, _, _ = bs1_token_seconds(engine, steps)
+    tuned_replay = graph_replay_seconds(engine) * 1e3
+    for plan in plans:  # leave the engine with the better set
+        plan.configs[1] = chosen[id(plan)] if joint_step < tuned_step else tuned[id(plan)]
+    runner.set_kernels()
+    print_table("GEMV choices tried together (batch 1, whole decode graph)", tries,
+                [("projection", "projection"), ("config", "config"), ("alone_us", "alone us (28 layers)"),
+                 ("replay_ms", "replay ms")],
+                notes=[f"tuner's choices: {tuned_step * 1e3:.3f} ms/token, replay {tuned_replay:.3f}; joint choices "
+                       f"({', '.join(str(c) for c in chosen.values())}): {joint_step * 1e3:.3f} ms/token, replay {joint_replay:.3f}"])
+    return {"tries": tries, "tuned": [str(c) for c in tuned.values()], "joint": [str(c) for c in chosen.values()],
+            "tuned_step_ms": tuned_step * 1e3, "tuned_replay_ms": tuned_replay, "joint_step_ms": joint_step * 1e3,
+            "joint_replay_ms": joint_replay, "joint_x_roofline": joint_step / roofline if not math.isnan(joint_step) else None}
+
+
+def torch_sms(device) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def bs1_token_seconds(engine, tokens: int) -> tuple[float, float, list]:
@@ -465,6 +530,7 @@ def main() -> int:
     p.add_argument("--variants", type=csv_list, default=[name for name, _ in VARIANTS],
                    help="bs1 variants to time, '_' for a space (default all: "
                         + ", ".join(name.replace(" ", "_") for name, _ in VARIANTS) + "); 'default' always runs")
+    p.add_argument("--joint", action="store_true", help="bs1: also search the GEMV choices together (gemv_joint_search)")
     args = p.parse_args()
     names = {name for name, _ in VARIANTS}
     args.variants = {"default", *(name if name in names else name.replace("_", " ") for name in args.variants)}
