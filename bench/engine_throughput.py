@@ -119,11 +119,10 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 # pipeline_rounds through the engine config
 VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
             ("combine kernel", {"merge_in_kernel": False}), ("late epilogue", {"early_epilogue": False}),
-            ("rounds pipelined", {"pipeline_rounds": True}), ("kv prefetch", {"next_kv": True}),
-            ("weights evict normal", {"evict_first": False}), ("late table", {"early_table": False}),
+            ("rounds pipelined", {"pipeline_rounds": True}), ("weights evict normal", {"evict_first": False}), ("late table", {"early_table": False}),
             ("session 9 path", {"early_table": False, "evict_first": False}))
-KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_epilogue": True, "next_kv": False,
-                   "evict_first": True, "early_table": True}  # the engine's defaults
+KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_epilogue": True, "evict_first": True,
+                   "early_table": True}  # the engine's defaults
 
 
 def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None, joint: bool = False) -> dict:

@@ -60,7 +60,6 @@ class PagedAttention(nn.Module):
         # views into the engine's one KV tensor, attached by the model runner
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
-        self.next_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # the next layer's caches (GPU decode prefetches them)
 
     def forward(self, qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, q_norm: RMSNorm | None = None,
                 k_norm: RMSNorm | None = None) -> torch.Tensor:
@@ -75,8 +74,7 @@ class PagedAttention(nn.Module):
                 return kernels.rope_decode_attention(qkv, positions, rope.cos, rope.sin, *norm, self.k_cache, self.v_cache,
                                                      ctx.slot_mapping, ctx.block_tables, ctx.context_lens, self.scale,
                                                      self.num_heads, ctx.decode_splits, counters=ctx.split_counters,
-                                                     early_kv=True,  # layer 0's qkv GEMV triggers late (model.py)
-                                                     next_kv=self.next_kv)
+                                                     early_kv=True)  # layer 0's qkv GEMV triggers late (model.py)
             # one kernel for norm + RoPE of q and k, and k, v into the cache; then attention
             q = rope_store_kv(qkv, positions, rope.cos, rope.sin, *norm, self.k_cache, self.v_cache, ctx.slot_mapping,
                               self.num_heads, self.num_kv_heads)

@@ -83,11 +83,11 @@ class ModelRunner:
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
 
     def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None,
-                    early_epilogue: bool | None = None, next_kv: bool | None = None,
-                    evict_first: bool | None = None, early_table: bool | None = None) -> None:
+                    early_epilogue: bool | None = None, evict_first: bool | None = None,
+                    early_table: bool | None = None) -> None:
         """Switch the Triton GEMV, PDL, the decode attention's in-kernel split merge, the GEMV's early
-        epilogue loads, the decode attention's L2 prefetch of the next layer's K/V, the GEMV's evict-first
-        weight loads and/or the decode attention's early block-id loads on or off (benchmarks A/B them in one process); recaptures the graphs,
+        epilogue loads, the GEMV's evict-first weight loads and/or the decode attention's early block-id
+        loads on or off (benchmarks A/B them in one process); recaptures the graphs,
         which keep the kernels and launch attributes they were captured with."""
         if self.device.type != "cuda":
             raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
@@ -103,10 +103,6 @@ class ModelRunner:
             from engine.kernels.gemv import set_early_epilogue
 
             set_early_epilogue(early_epilogue)
-        if next_kv is not None:
-            from engine.kernels.paged_attention import set_next_kv_prefetch
-
-            set_next_kv_prefetch(next_kv)
         if early_table is not None:
             from engine.kernels.paged_attention import set_early_table
 
@@ -180,11 +176,8 @@ class ModelRunner:
         n = num_blocks or self.num_blocks
         self.kv_cache = None  # release the old one first
         self.kv_cache = torch.zeros(2, a.num_layers, n, self.block_size, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
-        layers = self.model.attention_layers()
-        for i, attn in enumerate(layers):
+        for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-            # the layer after it (the last layer's: layer 0, for the next step), prefetched by its decode attention
-            attn.next_kv = self.kv_cache[0, (i + 1) % len(layers)], self.kv_cache[1, (i + 1) % len(layers)]
 
     # ---------------------------------------------------------------- step inputs
     def _decode_splits(self, num_seqs: int) -> int | None:
@@ -375,9 +368,6 @@ class ModelRunner:
     def _capture_decode_graphs(self) -> None:
         from engine.kernels.argmax import Argmax
         from engine.kernels.decode_advance import advance_decode_inputs
-        from engine.kernels.prefetch import prefetch_supported
-
-        prefetch_supported(self.device)  # its one-time probe launches a kernel: before any capture
 
         max_bs, width = self.graph_buckets[-1], self.max_blocks_per_seq
         # One int64 buffer holds every graph input (ids | positions | slots | adapter slots | context

@@ -13,6 +13,10 @@ At small batches the decode kernel splits each context over several programs (``
 the split that finishes last merges the partials (an arrival counter per sequence and K/V head), so
 a decode layer's attention is one launch.
 
+A split's first block ids are requested together with the context length (``set_early_table``), not
+after it: the K/V rows are then two dependent loads from the program's start instead of three (H100,
+session 10: a 0.6B replay 0.653 against 0.677 ms, in one process).
+
 The decode-path kernels (decode attention, its split combine) take ``USE_PDL``
 (engine/kernels/__init__.py): they read only the step's activations and caches, so each waits for
 its predecessor before its first load and only lets the next kernel's launch start early.
@@ -24,7 +28,6 @@ import triton
 import triton.language as tl
 
 from engine.kernels import timeline, use_pdl
-from engine.kernels.prefetch import prefetch_l2, prefetch_supported
 from engine.kernels.rope_kv import head_inv_rms, head_rms_norm, rope_halves, rope_row
 
 _LOG2E = 1.4426950408889634
@@ -152,8 +155,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr,
                    QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr, EARLY_KV: tl.constexpr, CACHE: tl.constexpr,
-                   stamp_ptr, STAMPS: tl.constexpr, next_k_ptr, next_v_ptr, NEXT_KV: tl.constexpr,
-                   EARLY_TABLE: tl.constexpr):
+                   stamp_ptr, STAMPS: tl.constexpr, EARLY_TABLE: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
     ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
@@ -172,12 +174,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     when this kernel starts (an earlier kernel of the step triggered its dependents only after its own
     ``gdc_wait``: layer 0's qkv GEMV, ``gemv(late_trigger=True)``), so the step's lengths, positions,
     slots, block tables and cached K/V are read before ``gdc_wait`` (through L2): only the
-    new token's qkv row waits for the previous kernel, and the first K/V tile's HBM latency overlaps it.
-
-    NEXT_KV (engine/kernels/prefetch.py): the splits past the context, which have nothing to attend, ask
-    L2 for the next layer's cached K/V blocks of their sequence (``next_k_ptr``/``next_v_ptr``: that
-    layer's caches), one 16-token block of every K/V head per bulk prefetch, so the next layer's
-    attention reads them from L2 instead of waiting for HBM behind o_proj's weight stream."""
+    new token's qkv row waits for the previous kernel, and the first K/V tile's HBM latency overlaps it."""
     HALF: tl.constexpr = HEAD_DIM // 2
     started = timeline.now(STAMPS)
     program = (tl.program_id(0) * NUM_KV_HEADS + tl.program_id(1)) * NUM_SPLITS + tl.program_id(2)
@@ -230,17 +227,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     if USE_PDL and EARLY_KV:
         tl.extra.cuda.gdc_wait()  # the qkv rows: the previous kernel's output
     released = timeline.now(STAMPS)
-    if NEXT_KV:
-        if split >= live:  # an idle split: deal the sequence's K and V blocks out over the idle programs' threads
-            idle = NUM_SPLITS - live
-            threads: tl.constexpr = tl.extra.cuda.num_threads()
-            piece = tl.arange(0, threads) * (NUM_KV_HEADS * idle) + kv_head * idle + split - live  # 2 per block: K, V
-            wanted = piece < 2 * tl.cdiv(cached_len, BLOCK_SIZE)
-            block = tl.load(tables_ptr + seq * table_stride + piece // 2, mask=wanted, other=0, cache_modifier=CACHE)
-            BLOCK_ELEMS: tl.constexpr = BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM
-            offset = block.to(tl.int64) * BLOCK_ELEMS
-            base = tl.where(piece % 2 == 0, next_k_ptr + offset, next_v_ptr + offset)
-            prefetch_l2(base, tl.where(wanted, BLOCK_ELEMS * next_k_ptr.dtype.element_ty.primitive_bitwidth // 8, 0))
     if FUSED_ROPE:
         row = q_ptr + seq.to(tl.int64) * q_stride
         q_lo = tl.load(row + heads[:, None] * HEAD_DIM + offs_h[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
@@ -359,11 +345,10 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                           context_lens: torch.Tensor, scale: float, num_heads: int, num_splits: int | None = None,
                           merge_in_kernel: bool | None = None, counters: torch.Tensor | None = None,
-                          early_kv: bool = False, next_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                          early_kv: bool = False) -> torch.Tensor:
     """Decode attention straight from the qkv projection's output ``[num_seqs, (heads + 2 * kv_heads) * head_dim]``
     (contiguous rows): ``rope_store_kv`` (q/k norm, RoPE, the new K/V into the cache at ``slot_mapping``)
-    and ``decode_attention`` in one kernel -> ``[num_seqs, heads, head_dim]``. ``next_kv``: the next
-    layer's (k_cache, v_cache), which the idle splits prefetch into L2 (see ``set_next_kv_prefetch``)."""
+    and ``decode_attention`` in one kernel -> ``[num_seqs, heads, head_dim]``."""
     head_dim = k_cache.shape[-1]
     num_kv_heads = k_cache.shape[2]
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
@@ -375,11 +360,10 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
         raise ValueError(f"rope_decode_attention: q/k norm weights ({q_norm_weight.dtype}) must be in the activation dtype {qkv.dtype}")
     rope = (positions, cos, sin, q_norm_weight, k_norm_weight, slot_mapping, cos.stride(0), eps)
     return _decode(qkv, rope, k_cache, v_cache, block_tables, context_lens, scale, num_splits, num_heads, merge_in_kernel,
-                   counters, early_kv, next_kv)
+                   counters, early_kv)
 
 
 _merge_in_kernel = True
-_next_kv = False  # off: no faster in session 10's A/B (BENCHMARKS.md)
 _early_table = True
 
 
@@ -388,13 +372,6 @@ def set_early_table(enabled: bool) -> None:
     path before session 10; benchmarks A/B the two; the model runner recaptures its graphs)."""
     global _early_table
     _early_table = bool(enabled)
-
-
-def set_next_kv_prefetch(enabled: bool) -> None:
-    """Process-wide: the decode attention's idle splits prefetch the next layer's K/V into L2 (benchmarks
-    A/B it; the model runner recaptures its graphs after switching)."""
-    global _next_kv
-    _next_kv = bool(enabled)
 
 
 _split_counters: dict[torch.device, torch.Tensor] = {}
@@ -422,8 +399,7 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             context_lens: torch.Tensor, scale: float, num_splits: int | None, num_heads: int,
-            merge_in_kernel: bool | None, counters: torch.Tensor | None, early_kv: bool,
-            next_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            merge_in_kernel: bool | None, counters: torch.Tensor | None, early_kv: bool) -> torch.Tensor:
     """Launch the decode kernel (and, without the in-kernel merge, its split combine): ``q`` rotated
     queries, or with ``rope`` the qkv rows."""
     num_seqs = q.shape[0]
@@ -449,9 +425,6 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     positions, cos, sin, q_norm, k_norm, slots, cos_stride, eps = rope or (out, out, out, None, None, out, 0, 0.0)
     qk_norm = q_norm is not None
     stamps, recording = timeline.claim("attention", num_seqs * num_kv_heads * num_splits, num_seqs, out)
-    # idle splits exist only when the context is split; the caches' blocks are 16-byte multiples by construction
-    prefetch_next = _next_kv and next_kv is not None and num_splits > 1 and prefetch_supported(q.device)
-    next_k, next_v = next_kv if prefetch_next else (k_cache, v_cache)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partials, counters, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0),
         q.stride(0), positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
@@ -459,7 +432,7 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLIT_TILE=split_tile, PRECISION=_precision(q),
         USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge, EARLY_KV=early_kv,
         CACHE=".cg" if early_kv else "", stamp_ptr=stamps, STAMPS=recording,
-        next_k_ptr=next_k, next_v_ptr=next_v, NEXT_KV=prefetch_next, EARLY_TABLE=_early_table,
+        EARLY_TABLE=_early_table,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )
