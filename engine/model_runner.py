@@ -84,12 +84,11 @@ class ModelRunner:
 
     def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None,
                     early_epilogue: bool | None = None, evict_first: bool | None = None,
-                    early_table: bool | None = None, attention_maxnreg: int | None = None) -> None:
+                    early_table: bool | None = None) -> None:
         """Switch the Triton GEMV, PDL, the decode attention's in-kernel split merge, the GEMV's early
         epilogue loads, the GEMV's evict-first weight loads and/or the decode attention's early block-id
-        loads on or off, or cap the decode attention's registers per thread (0: no cap) — benchmarks A/B
-        them in one process; recaptures the graphs, which keep the kernels and launch attributes they were
-        captured with."""
+        loads on or off (benchmarks A/B them in one process); recaptures the graphs,
+        which keep the kernels and launch attributes they were captured with."""
         if self.device.type != "cuda":
             raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
         if pdl is not None:
@@ -104,10 +103,6 @@ class ModelRunner:
             from engine.kernels.gemv import set_early_epilogue
 
             set_early_epilogue(early_epilogue)
-        if attention_maxnreg is not None:
-            from engine.kernels.paged_attention import set_attention_maxnreg
-
-            set_attention_maxnreg(attention_maxnreg)
         if early_table is not None:
             from engine.kernels.paged_attention import set_early_table
 

@@ -374,18 +374,6 @@ def set_early_table(enabled: bool) -> None:
     _early_table = bool(enabled)
 
 
-_attention_maxnreg = 0
-
-
-def set_attention_maxnreg(registers: int) -> None:
-    """Process-wide: cap the decode kernel's registers per thread (0: the compiler's choice, 236 for a
-    Qwen3 head at batch 1). Under 192 a program fits in the registers a batch-1 qkv GEMV leaves free on
-    an SM, so the attention's programs can be resident — and request their K/V — before that GEMV ends
-    (benchmarks A/B it; the model runner recaptures its graphs)."""
-    global _attention_maxnreg
-    _attention_maxnreg = int(registers)
-
-
 _split_counters: dict[torch.device, torch.Tensor] = {}
 
 
@@ -446,7 +434,6 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
         CACHE=".cg" if early_kv else "", stamp_ptr=stamps, STAMPS=recording,
         EARLY_TABLE=_early_table,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
-        **({"maxnreg": _attention_maxnreg} if _attention_maxnreg else {}),
         launch_pdl=pdl,
     )
     if num_splits > 1 and not merge:
