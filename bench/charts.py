@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -483,22 +484,36 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(summary_lines(data)))
         return 0
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    sections = []
+    sections = {}
     for data in results:
         pngs = chart(data, args.out_dir)
         rows = markdown_rows(data)
-        section = [f"### {data['bench']}", ""]
+        section = [f"### {_name(data)}", ""]
         if rows:
             section += [TABLE_HEADER, *rows, ""]
         section += [f"![{p.stem}]({p.name})" for p in pngs] + [""]
-        sections.append("\n".join(section))
+        sections[_name(data)] = "\n".join(section)
         for png in pngs:
             print(f"wrote {png}")
     tables = args.out_dir / "tables.md"
-    tables.write_text("\n".join(sections))
+    merge_tables(tables, sections)
     print(f"wrote {tables}")
-    print("\n".join(sections))
+    print("\n".join(sections.values()))
     return 0
+
+
+def merge_tables(path: Path, sections: dict[str, str]) -> str:
+    """Write ``path`` with one section per result name: those rendered now replace their namesakes, every
+    other section already there stays (rendering one result must not drop the others' tables)."""
+    kept: dict[str, str] = {}
+    if path.exists():
+        for block in re.split(r"(?m)^(?=### )", path.read_text()):
+            if block.startswith("### "):
+                kept[block.splitlines()[0][4:].strip()] = block.rstrip("\n") + "\n"
+    kept.update({name: text.rstrip("\n") + "\n" for name, text in sections.items()})
+    text = "\n".join(kept.values())
+    path.write_text(text)
+    return text
 
 
 if __name__ == "__main__":

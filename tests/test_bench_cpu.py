@@ -252,3 +252,12 @@ def test_step_and_serving_charts(tmp_path):
                                                             "vs_bf16": 1.3}]}
     assert [p.name for p in charts.chart(distill, tmp_path) + charts.chart(export, tmp_path)] == ["distill_gpu.png", "export_gpu.png"]
     assert all(p.stat().st_size > 1000 for p in tmp_path.glob("*.png"))
+
+
+def test_rendered_tables_keep_the_other_results(tmp_path):
+    """``charts.py render`` of one result replaces that result's section of tables.md and keeps the others'."""
+    tables = tmp_path / "tables.md"
+    charts.merge_tables(tables, {"a": "### a\n\nfirst a\n", "b": "### b\n\nfirst b\n"})
+    text = charts.merge_tables(tables, {"a": "### a\n\nsecond a\n"})
+    assert "second a" in text and "first a" not in text and "first b" in text
+    assert text.index("### a") < text.index("### b")  # the sections keep their order
