@@ -2,7 +2,7 @@
 
     python bench/charts.py summary out/*.json               # a few lines per file (run_gpu.sh ends with this)
     python bench/charts.py render out/*.json --out-dir docs/bench
-        # -> <bench>.png (+ <bench>-loss.png) and tables.md: one markdown table per benchmark with
+        # -> <bench>.png (+ <bench>-loss.png) and tables.md (merged: one section per result file) with
         #    date, GPU, commit, command, our number, baseline number, ratio, target
 
 ``sft_vs_trl``, ``full_ft_mfu`` and ``engine_latency`` get purpose-built rows and charts; any other
