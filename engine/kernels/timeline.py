@@ -5,9 +5,10 @@ overlap through PDL, so a profiler's kernel intervals (start of the first progra
 last, waits included) do not say which stage holds up the next. With a ``Timeline`` recording,
 every instrumented kernel launched (or captured into a CUDA graph) writes, per program, the
 ``%globaltimer`` when the program started, when it passed ``gdc_wait`` (its predecessor completed),
-when it finished, and its SM. ``stages()`` then reads, per launch: how early its programs were
-resident, how long after its predecessor's last program it was released, and when its own last
-program ended — the step's critical path, stage by stage.
+when it finished, its SM, and up to ``MARKS`` points the kernel marks (``mark``). ``Timeline.spans``
+and ``stage_costs`` then read, per launch: how early its programs were resident, how long after its
+predecessor's last program it was released, and when its own last program ended — the step's
+critical path, stage by stage.
 
 Off (the default) the kernels compile without a single extra instruction (``STAMPS`` is a constexpr).
 The stamps are bench instrumentation: a stamp costs a few cycles and a store per program.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-_FIELDS = 8  # start, after gdc_wait, end (ns, %globaltimer), SM id, then up to MARKS points a kernel marks
+_FIELDS = 8  # start, after gdc_wait, end (ns, %globaltimer), SM id, then up to MARKS points (the kernels' row stride)
 MARKS = 4
 
 
