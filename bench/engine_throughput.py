@@ -177,14 +177,14 @@ def gemv_joint_search(engine, steps: int, roofline: float, alternatives: int = 3
     step order, each group trying its ``alternatives`` next-fastest candidates for one row, judged by
     the replay time of the whole decode graph (recaptured per try); then ms per token with the result
     against the tuner's choices, in this process."""
-    import math
+    import torch
 
     from engine.kernels.gemv import candidate_configs
 
     runner = engine.runner
     plans = list({id(plan): plan for plan in runner._gemv_plans.values()}.values())  # one plan per group, in step order
-    rows = {(r["n"], r["k"], r["prologue"]): r for r in runner.gemv_tuning if r["rows"] == 1}
-    num_sms = torch_sms(engine.device)
+    timed_alone = {(r["n"], r["k"]): r["candidates_us"] for r in runner.gemv_tuning if r["rows"] == 1}
+    num_sms = torch.cuda.get_device_properties(engine.device).multi_processor_count
     tuned = {id(plan): plan.configs[1] for plan in plans}
     best_ms, tries, searched = graph_replay_seconds(engine) * 1e3, [], set()
     for linear, plan in list(runner._gemv_plans.items()):
@@ -192,7 +192,7 @@ def gemv_joint_search(engine, steps: int, roofline: float, alternatives: int = 3
             continue  # cuBLAS chosen, or this group already searched (one linear per group suffices)
         searched.add(id(plan))
         n, k = linear.weight.shape
-        timed = rows[next(key for key in rows if key[:2] == (n, k))]["candidates_us"]
+        timed = timed_alone[(n, k)]
         ranked = sorted(timed, key=timed.get)
         by_name = {str(c): c for c in candidate_configs(n, k, 1, num_sms)}
         current = plan.configs[1]
@@ -225,13 +225,7 @@ def gemv_joint_search(engine, steps: int, roofline: float, alternatives: int = 3
                        f"({', '.join(str(c) for c in chosen.values())}): {joint_step * 1e3:.3f} ms/token, replay {joint_replay:.3f}"])
     return {"tries": tries, "tuned": [str(c) for c in tuned.values()], "joint": [str(c) for c in chosen.values()],
             "tuned_step_ms": tuned_step * 1e3, "tuned_replay_ms": tuned_replay, "joint_step_ms": joint_step * 1e3,
-            "joint_replay_ms": joint_replay, "joint_x_roofline": joint_step / roofline if not math.isnan(joint_step) else None}
-
-
-def torch_sms(device) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(device).multi_processor_count
+            "joint_replay_ms": joint_replay, "joint_x_roofline": joint_step / roofline}
 
 
 def bs1_token_seconds(engine, tokens: int) -> tuple[float, float, list]:
@@ -341,7 +335,8 @@ def stage_timeline(engine, context: int = 256) -> dict:
     plain_ms = graph_replay_seconds(engine) * 1e3
     costs = timeline.stage_costs(spans)  # costs[i] is launch i + 1 against launch i; launch 0 is layer 0's qkv
     per_layer, layers = 5, sum(span["label"] == "attention" for span in spans)  # qkv, attention, o, gate_up, down
-    layer_costs = costs[per_layer - 1:per_layer - 1 + per_layer * (layers - 1)]
+    after_layers = per_layer - 1 + per_layer * (layers - 1)  # costs past the last decoder layer's down GEMV
+    layer_costs = costs[per_layer - 1:after_layers]
     stages = []
     for label in dict.fromkeys(c["label"] for c in layer_costs):
         mine = [c for c in layer_costs if c["label"] == label]
@@ -355,7 +350,7 @@ def stage_timeline(engine, context: int = 256) -> dict:
                 [("launch", "launch"), ("programs", "programs"), ("stage", "stage us"), ("release", "release after pred. us"),
                  ("tail", "released -> end us"), ("marks", "marks after release us"), ("lead", "resident before pred. end us")],
                 notes=[f"decoder layer: {layer_us:.2f} us (sum of the stage means); after the last layer: "
-                       + ", ".join(f"{c['label']} {c['stage']:.2f}" for c in costs[per_layer - 1 + per_layer * (layers - 1):])])
+                       + ", ".join(f"{c['label']} {c['stage']:.2f}" for c in costs[after_layers:])])
     return {"context": context, "replay_ms_stamped": stamped_ms, "replay_ms": plain_ms, "layer_us": layer_us,
             "stages": stages, "spans": spans}
 
@@ -533,8 +528,8 @@ def main() -> int:
     args = p.parse_args()
     names = {name for name, _ in VARIANTS}
     args.variants = {"default", *(name if name in names else name.replace("_", " ") for name in args.variants)}
-    if args.variants - {name for name, _ in VARIANTS}:
-        p.error(f"--variants: unknown {', '.join(sorted(args.variants - {name for name, _ in VARIANTS}))}")
+    if args.variants - names:
+        p.error(f"--variants: unknown {', '.join(sorted(args.variants - names))}")
     unknown = set(args.sections) - {"throughput", "hf", "hf_cb", "bs1"}
     if unknown:
         p.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose from throughput, hf, hf_cb, bs1")

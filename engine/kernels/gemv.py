@@ -127,6 +127,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
         tl.extra.cuda.gdc_launch_dependents()
     tile = tl.program_id(0)
     split = tl.program_id(1)
+    program = tile * SPLIT_K + split  # the timeline's row
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -189,7 +190,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
             w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy=EVICT)
             x = _load_x(x_ptr, norm_ptr, inv_rms, offs_m, mask_m, k, mask_k, x_stride, K, PROLOGUE)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    timeline.mark(stamp_ptr, tile * SPLIT_K + split, 0, STAMPS)  # the product is reduced
+    timeline.mark(stamp_ptr, program, 0, STAMPS)  # the product is reduced
     if ADD_RESIDUAL and not EARLY_EPILOGUE:
         residual = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
     if SPLIT_K > 1:
@@ -208,7 +209,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, inv_ptr, norm_ptr, part_ptr, tic
     else:
         _store_out(y_ptr, bias, residual, stats_out_ptr, acc, tile, tl.num_programs(0), offs_m, mask_m, out_offs, out_mask,
                    HAS_BIAS, ADD_RESIDUAL)
-    timeline.stamp(stamp_ptr, tile * SPLIT_K + split, started, released, STAMPS)
+    timeline.stamp(stamp_ptr, program, started, released, STAMPS)
 
 
 @triton.jit
