@@ -108,7 +108,7 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
                    preemptions=llm.stats()["preemptions"])
     if "bs1" in args.sections:
         print("  bs1 decode vs roofline", flush=True)
-        row.update(decode_roofline(llm, 20 if args.smoke else 200, args.variants, args.joint))
+        row.update(decode_roofline(llm, 20 if args.smoke else 200, args.variants, args.joint, args.timelines))
     del llm
     release_memory()
     return row
@@ -120,15 +120,19 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
             ("combine kernel", {"merge_in_kernel": False}), ("late epilogue", {"early_epilogue": False}),
             ("rounds pipelined", {"pipeline_rounds": True}), ("weights evict normal", {"evict_first": False}), ("late table", {"early_table": False}),
-            ("session 9 path", {"early_table": False, "evict_first": False}))
+            ("session 9 path", {"early_table": False, "evict_first": False}),
+            ("attention fma", {"decode_tile": (64, False)}), ("attention fma 32", {"decode_tile": (32, False)}),
+            ("attention dot 32", {"decode_tile": (32, True)}))
 KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_epilogue": True, "evict_first": True,
-                   "early_table": True}  # the engine's defaults
+                   "early_table": True, "decode_tile": (64, True)}  # the engine's defaults
 
 
-def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None, joint: bool = False) -> dict:
+def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None, joint: bool = False,
+                    timelines: bool = False) -> dict:
     """Batch-1 decode against the roofline under each of ``VARIANTS`` in one process: ``step_ms_<v>``
     is the wall time per generated token (``steps`` greedy tokens), ``replay_ms_<v>`` the GPU time of
-    one graph replay; plus the replay's kernel profile with the defaults."""
+    one graph replay; plus the replay's kernel profile and stage timeline with the defaults
+    (``timelines``: the stage timeline of every variant, ``stage_timeline_<v>``)."""
     engine = llm.engine
     runner = engine.runner
     nbytes = weight_bytes(runner.model)
@@ -153,6 +157,8 @@ def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None, joi
                     f"round_median_ms_{variant}": round_median * 1e3, f"steps_{variant}": per_step})
         print(f"  bs1 {variant}: {step * 1e3:.3f} ms per token (median full step {round_median * 1e3:.3f}), "
               f"replay {replay * 1e3:.3f} ms, roofline {roofline * 1e3:.3f} ms", flush=True)
+        if on_gpu and timelines and variant != "default":
+            row[f"stage_timeline_{variant}"] = stage_timeline(engine, label=variant)
     engine.config.decode_steps, engine.config.pipeline_rounds = default_steps, default_pipelined
     if on_gpu:
         runner.set_kernels(**KERNEL_SWITCHES)
@@ -305,14 +311,14 @@ def replay_profile(engine, replays: int = 20, top: int = 8) -> list[dict]:
     return kernels
 
 
-def stage_timeline(engine, context: int = 256) -> dict:
+def stage_timeline(engine, context: int = 256, label: str = "default") -> dict:
     """The batch-1 replay's critical path stage by stage: the decode graph recaptured with per-program
     timestamps (engine/kernels/timeline.py), replayed over a ``context``-token context; per kind of
     launch, the mean over the decoder layers after the first of its stage time (its last program's end
     minus its predecessor's), its release after the predecessor's end (the PDL boundary), the work
     left once released, and how long its programs were resident before the predecessor ended; and the
     kernels' marked points after release (GEMV: product reduced; attention: q roped / split attended /
-    partial counted)."""
+    partial counted); ``label`` names the settings in the table's title."""
     import torch
 
     from engine.kernels import timeline
@@ -345,7 +351,7 @@ def stage_timeline(engine, context: int = 256) -> dict:
                        **{key: statistics.mean(c[key] for c in mine) for key in ("stage", "release", "tail", "lead")},
                        "marks": " / ".join(f"{statistics.mean(m):.2f}" for m in marks if m)})
     layer_us = sum(st["stage"] for st in stages)
-    print_table(f"bs1 replay stage by stage (us, mean over layers 1..; context {context}; replay {stamped_ms:.3f} ms with "
+    print_table(f"bs1 replay stage by stage, {label} (us, mean over layers 1..; context {context}; replay {stamped_ms:.3f} ms with "
                 f"stamps, {plain_ms:.3f} without)", stages,
                 [("launch", "launch"), ("programs", "programs"), ("stage", "stage us"), ("release", "release after pred. us"),
                  ("tail", "released -> end us"), ("marks", "marks after release us"), ("lead", "resident before pred. end us")],
@@ -525,6 +531,7 @@ def main() -> int:
                    help="bs1 variants to time, '_' for a space (default all: "
                         + ", ".join(name.replace(" ", "_") for name, _ in VARIANTS) + "); 'default' always runs")
     p.add_argument("--joint", action="store_true", help="bs1: also search the GEMV choices together (gemv_joint_search)")
+    p.add_argument("--timelines", action="store_true", help="bs1: the stage timeline of every variant, not only the defaults")
     args = p.parse_args()
     names = {name for name, _ in VARIANTS}
     args.variants = {"default", *(name if name in names else name.replace("_", " ") for name in args.variants)}

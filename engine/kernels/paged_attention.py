@@ -90,17 +90,29 @@ def _kv_rows(k_cache_ptr, v_cache_ptr, block, offs_n, mask_n, kv_head, NUM_KV_HE
 
 
 @triton.jit
-def _attend_tile(q, k, v, visible, m, l, acc, scale_log2, PRECISION: tl.constexpr):
+def _attend_tile(q, k, v, visible, m, l, acc, scale_log2, PRECISION: tl.constexpr, DOT: tl.constexpr = True):
     """One K/V tile into the online-softmax state (running max ``m``, sum ``l``, output ``acc``) of
-    the query rows ``q``; ``visible`` masks the scores (a row that sees nothing yet keeps m = -inf)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    the query rows ``q``; ``visible`` masks the scores (a row that sees nothing yet keeps m = -inf).
+
+    ``DOT``: the two products on the tensor cores (``tl.dot``: at least 16 query rows, so a decode
+    GQA group is padded to 16 and the operands staged through shared memory); otherwise as
+    elementwise products reduced in registers, for the few rows of one decode group. Both multiply
+    the same rounded operands (p rounded to the cache dtype) and accumulate in fp32."""
+    if DOT:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    else:
+        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale_log2
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m - m_ref)
     l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    if DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    else:
+        pv = tl.sum(p.to(v.dtype).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+    acc = acc * alpha[:, None] + pv
     return m_new, l, acc
 
 
@@ -155,7 +167,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr,
                    QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr, EARLY_KV: tl.constexpr, CACHE: tl.constexpr,
-                   stamp_ptr, STAMPS: tl.constexpr, EARLY_TABLE: tl.constexpr):
+                   stamp_ptr, STAMPS: tl.constexpr, EARLY_TABLE: tl.constexpr, DOT: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
     ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
@@ -256,7 +268,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         while start < end:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
-            m, l, acc = _attend_tile(q, k, v, mask_n[None, :], m, l, acc, scale_log2, PRECISION)
+            m, l, acc = _attend_tile(q, k, v, mask_n[None, :], m, l, acc, scale_log2, PRECISION, DOT)
             start += BLOCK_N
             k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
                                               NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CACHE)  # none past the end
@@ -311,10 +323,11 @@ def _combine_kernel(part_ptr, out_ptr, lens_ptr, NUM_KV_HEADS: tl.constexpr, GRO
                   out_ptr + (seq * num_heads + first_head) * HEAD_DIM, live, GROUP, GROUP_P2, NUM_SPLITS, SPLIT_TILE, HEAD_DIM)
 
 
-def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int = 64) -> int:
+def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int | None = None) -> int:
     """Context splits per (sequence, K/V head): enough programs to fill the GPU's SMs when the batch
     is small (batch 1 has only ``num_kv_heads`` programs otherwise), never more than the longest
     context has tiles, and 1 (no combine pass) once the batch alone fills the machine."""
+    block_n = block_n or _decode_tile[0]
     programs = num_seqs * num_kv_heads
     if programs >= 128:
         return 1
@@ -365,6 +378,19 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
 
 _merge_in_kernel = True
 _early_table = True
+_decode_tile = (64, True)  # (context rows per K/V tile, tensor-core products)
+
+
+def set_decode_tile(block_n: int = 64, dot: bool = True) -> None:
+    """Process-wide: the decode kernel's K/V tile (``block_n`` context rows; the split count follows,
+    ``decode_splits``) and whether its two products run on the tensor cores (``dot``: a GQA group
+    padded to 16 query rows) or as elementwise products reduced in registers (the group's own rows:
+    fewer registers, no shared-memory staging). Benchmarks A/B them; the model runner recaptures its
+    graphs."""
+    global _decode_tile
+    if block_n not in (16, 32, 64, 128):
+        raise ValueError(f"decode tile: block_n {block_n} is not one of 16, 32, 64, 128")
+    _decode_tile = (block_n, bool(dot))
 
 
 def set_early_table(enabled: bool) -> None:
@@ -405,7 +431,7 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     num_seqs = q.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     group = num_heads // num_kv_heads
-    block_n = 64
+    block_n, dot = _decode_tile
     if num_splits is None:
         num_splits = decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n)
     merge = (_merge_in_kernel if merge_in_kernel is None else merge_in_kernel) and num_splits > 1
@@ -428,11 +454,11 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partials, counters, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0),
         q.stride(0), positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, group_p2), GROUP_P2=group_p2, HEAD_DIM=head_dim,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, group_p2) if dot else group_p2, GROUP_P2=group_p2, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLIT_TILE=split_tile, PRECISION=_precision(q),
         USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge, EARLY_KV=early_kv,
         CACHE=".cg" if early_kv else "", stamp_ptr=stamps, STAMPS=recording,
-        EARLY_TABLE=_early_table,
+        EARLY_TABLE=_early_table, DOT=dot,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )
