@@ -122,9 +122,10 @@ VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"deco
             ("rounds pipelined", {"pipeline_rounds": True}), ("weights evict normal", {"evict_first": False}), ("late table", {"early_table": False}),
             ("session 9 path", {"early_table": False, "evict_first": False}),
             ("attention fma", {"decode_tile": (64, False)}), ("attention fma 32", {"decode_tile": (32, False)}),
-            ("attention dot 32", {"decode_tile": (32, True)}))
+            ("attention dot 32", {"decode_tile": (32, True)}), ("attention late trigger", {"attention_late_trigger": True}),
+            ("late trigger dot 32", {"attention_late_trigger": True, "decode_tile": (32, True)}))
 KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_epilogue": True, "evict_first": True,
-                   "early_table": True, "decode_tile": (64, True)}  # the engine's defaults
+                   "early_table": True, "decode_tile": (64, True), "attention_late_trigger": False}  # the engine's defaults
 
 
 def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None, joint: bool = False,
@@ -349,12 +350,15 @@ def stage_timeline(engine, context: int = 256, label: str = "default") -> dict:
         marks = [[c["marks"][i] for c in mine if c["marks"][i] is not None] for i in range(len(mine[0]["marks"]))]
         stages.append({"launch": label, "programs": mine[0]["programs"], "launches": len(mine),
                        **{key: statistics.mean(c[key] for c in mine) for key in ("stage", "release", "tail", "lead")},
+                       "lead_marked": statistics.mean(c["lead_marked"] if c["lead_marked"] is not None else float("nan")
+                                                      for c in mine),
                        "marks": " / ".join(f"{statistics.mean(m):.2f}" for m in marks if m)})
     layer_us = sum(st["stage"] for st in stages)
     print_table(f"bs1 replay stage by stage, {label} (us, mean over layers 1..; context {context}; replay {stamped_ms:.3f} ms with "
                 f"stamps, {plain_ms:.3f} without)", stages,
                 [("launch", "launch"), ("programs", "programs"), ("stage", "stage us"), ("release", "release after pred. us"),
-                 ("tail", "released -> end us"), ("marks", "marks after release us"), ("lead", "resident before pred. end us")],
+                 ("tail", "released -> end us"), ("marks", "marks after release us"), ("lead", "resident before pred. end us"),
+                 ("lead_marked", "working programs resident before pred. end us")],
                 notes=[f"decoder layer: {layer_us:.2f} us (sum of the stage means); after the last layer: "
                        + ", ".join(f"{c['label']} {c['stage']:.2f}" for c in costs[after_layers:])])
     return {"context": context, "replay_ms_stamped": stamped_ms, "replay_ms": plain_ms, "layer_us": layer_us,

@@ -125,12 +125,15 @@ def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge, s
     ptx = compile_for_hopper(_decode_kernel, args, dict(
         NUM_KV_HEADS=8, GROUP=2, GROUP_PAD=16 if dot else 2, GROUP_P2=2, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64 if dot else 32,
         NUM_SPLITS=16, SPLIT_TILE=16, PRECISION="tf32", USE_PDL=True, FUSED_ROPE=True, QK_NORM=True, MERGE_IN_KERNEL=merge,
-        EARLY_KV=early_kv, CACHE=".cg" if early_kv else "", STAMPS=stamps, EARLY_TABLE=early_kv, DOT=dot),
+        EARLY_KV=early_kv, CACHE=".cg" if early_kv else "", STAMPS=stamps, EARLY_TABLE=early_kv, DOT=dot,
+        LATE_TRIGGER=not dot),
         enable_fp_fusion=False)
     # EARLY_KV: the cached K/V (through L2: .cg) is requested before waiting for the qkv GEMV
     assert _before_wait(ptx, "ld.global.cg") == early_kv
     assert ("atom.global.gpu.acq_rel.add" in ptx) == merge  # the split that arrives last merges
     assert ("wgmma" in ptx or "mma.sync" in ptx) == dot  # tensor-core products only with DOT
+    # the next kernel may launch as the program starts, or (LATE_TRIGGER) once its split has attended
+    assert (ptx.find("griddepcontrol.launch_dependents") < ptx.find("griddepcontrol.wait")) == dot
     assert ptx.count("%globaltimer") == (6 if stamps else 0)  # and three marks: roped, attended, arrived
 
 

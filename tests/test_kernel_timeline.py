@@ -39,14 +39,17 @@ def test_spans_and_stage_costs_follow_the_critical_path():
         timeline.recording(None)
     t = 1_000_000  # ns; rows: start, released, end, SM
     gemv[:, :4] = torch.tensor([[t, t + 500, t + 3000, 0], [t + 100, t + 600, t + 4000, 1]])
-    attention[:, :4] = torch.tensor([[t + 1000, t + 4800, t + 6000, 2], [t + 1500, t + 4900, t + 6500, 2]])
-    attention[:, 4] = torch.tensor([t + 5200, t + 5600])  # one marked point, after the attention proper
+    # program 0 works (one marked point, after the attention proper); program 1 is an idle split that
+    # started late and marked nothing
+    attention[:, :4] = torch.tensor([[t + 1000, t + 4800, t + 6500, 2], [t + 3000, t + 4900, t + 5000, 2]])
+    attention[0, 4] = t + 5200
     spans = record.spans()
     assert [s["label"] for s in spans] == ["gemv", "attention"]
-    assert spans[1] == {"label": "attention", "programs": 2, "first_start": 1000, "last_start": 1500, "first_release": 4800,
-                        "last_release": 4900, "last_end": 6500, "sms": 1, "last_marks": [5600, None, None, None]}
+    assert spans[1] == {"label": "attention", "programs": 2, "first_start": 1000, "last_start": 3000, "first_release": 4800,
+                        "last_release": 4900, "last_end": 6500, "sms": 1, "last_marks": [5200, None, None, None],
+                        "marked_last_start": 1000}
     (cost,) = timeline.stage_costs(spans)
-    # the attention ended 2.5 us after the GEMV's last program; it was released 0.8 us after that end, its
-    # programs had been resident for 2.5 us, and its work after release took 1.7 us
-    assert cost == {"label": "attention", "programs": 2, "stage": 2.5, "release": 0.8, "tail": 1.7, "lead": 2.5,
-                    "marks": [0.8, None, None, None]}
+    # the attention ended 2.5 us after the GEMV's last program; it was released 0.8 us after that end; its
+    # last program was resident 1 us before that end, its working one 3 us; its work after release took 1.7 us
+    assert cost == {"label": "attention", "programs": 2, "stage": 2.5, "release": 0.8, "tail": 1.7, "lead": 1.0,
+                    "lead_marked": 3.0, "marks": [0.4, None, None, None]}

@@ -167,7 +167,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr,
                    QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr, EARLY_KV: tl.constexpr, CACHE: tl.constexpr,
-                   stamp_ptr, STAMPS: tl.constexpr, EARLY_TABLE: tl.constexpr, DOT: tl.constexpr):
+                   stamp_ptr, STAMPS: tl.constexpr, EARLY_TABLE: tl.constexpr, DOT: tl.constexpr,
+                   LATE_TRIGGER: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
     ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
@@ -190,7 +191,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     HALF: tl.constexpr = HEAD_DIM // 2
     started = timeline.now(STAMPS)
     program = (tl.program_id(0) * NUM_KV_HEADS + tl.program_id(1)) * NUM_SPLITS + tl.program_id(2)
-    if USE_PDL:
+    if USE_PDL and not LATE_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     if FUSED_ROPE and QK_NORM:  # weights: safe to read before gdc_wait
         offs_h = tl.arange(0, HALF)
@@ -283,6 +284,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                 acc = acc * alpha[:, None] + p.to(dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
                 m = m_new
         timeline.mark(stamp_ptr, program, 1, STAMPS)  # the split attended
+        if USE_PDL and LATE_TRIGGER:  # the next kernel's weight requests queue behind this split's K/V, not before
+            tl.extra.cuda.gdc_launch_dependents()  # (the splits with nothing to do trigger by exiting)
         num_heads: tl.constexpr = NUM_KV_HEADS * GROUP
         if NUM_SPLITS == 1:
             out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
@@ -379,6 +382,16 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
 _merge_in_kernel = True
 _early_table = True
 _decode_tile = (64, True)  # (context rows per K/V tile, tensor-core products)
+_late_trigger = False
+
+
+def set_attention_late_trigger(enabled: bool) -> None:
+    """Process-wide (PDL): let the next kernel (o_proj) launch when the decode splits have attended
+    (on) or as they start (off): launched early, its programs request their weights while the
+    attention's own K/V loads are still in flight (benchmarks A/B the two; the model runner
+    recaptures its graphs)."""
+    global _late_trigger
+    _late_trigger = bool(enabled)
 
 
 def set_decode_tile(block_n: int = 64, dot: bool = True) -> None:
@@ -458,7 +471,7 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLIT_TILE=split_tile, PRECISION=_precision(q),
         USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge, EARLY_KV=early_kv,
         CACHE=".cg" if early_kv else "", stamp_ptr=stamps, STAMPS=recording,
-        EARLY_TABLE=_early_table, DOT=dot,
+        EARLY_TABLE=_early_table, DOT=dot, LATE_TRIGGER=_late_trigger,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )

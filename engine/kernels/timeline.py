@@ -60,8 +60,9 @@ class Timeline:
     def spans(self) -> list[dict]:
         """Per launch, in launch order: ns relative to the first program's start of the first launch —
         ``first_start`` / ``last_start`` (programs resident), ``first_release`` / ``last_release`` (past
-        ``gdc_wait``), ``last_end``, ``last_marks`` (per mark, its latest program; None where none marked);
-        programs that never ran (zeros) are left out."""
+        ``gdc_wait``), ``last_end``, ``last_marks`` (per mark, its latest program; None where none marked),
+        ``marked_last_start`` (the latest start of the programs that marked anything: the attention's live
+        splits, not the idle ones that exit at once); programs that never ran (zeros) are left out."""
         stamps = self.stamps[:self._next].cpu()
         rows, origin = [], None
         for launch in self.launches:
@@ -71,11 +72,13 @@ class Timeline:
                 continue
             origin = int(s[:, 0].min()) if origin is None else origin
             marks = [s[s[:, 4 + i] > 0, 4 + i] for i in range(MARKS)]
+            marked = s[(s[:, 4:4 + MARKS] > 0).any(1)]
             rows.append({"label": launch.label, "programs": launch.programs,
                          "first_start": int(s[:, 0].min()) - origin, "last_start": int(s[:, 0].max()) - origin,
                          "first_release": int(s[:, 1].min()) - origin, "last_release": int(s[:, 1].max()) - origin,
                          "last_end": int(s[:, 2].max()) - origin, "sms": int(s[:, 3].unique().numel()),
-                         "last_marks": [int(m.max()) - origin if len(m) else None for m in marks]})
+                         "last_marks": [int(m.max()) - origin if len(m) else None for m in marks],
+                         "marked_last_start": int(marked[:, 0].max()) - origin if len(marked) else None})
         return rows
 
 
@@ -85,7 +88,8 @@ def stage_costs(spans: list[dict]) -> list[dict]:
     past ``gdc_wait`` minus the predecessor's last end (the PDL boundary); ``tail`` = its last end minus
     its first release (the work left once released); ``lead`` = the predecessor's last end minus its
     last program's start (> 0: every program was resident and waiting before the predecessor ended);
-    ``marks`` = each marked point's latest program after the first release (None: unmarked)."""
+    ``lead_marked`` = the same for the programs that marked (None: none did); ``marks`` = each marked
+    point's latest program after the first release (None: unmarked)."""
     out = []
     for before, span in zip(spans, spans[1:]):
         out.append({"label": span["label"], "programs": span["programs"],
@@ -93,6 +97,8 @@ def stage_costs(spans: list[dict]) -> list[dict]:
                     "release": (span["first_release"] - before["last_end"]) / 1e3,
                     "tail": (span["last_end"] - span["first_release"]) / 1e3,
                     "lead": (before["last_end"] - span["last_start"]) / 1e3,
+                    "lead_marked": (None if span.get("marked_last_start") is None
+                                    else (before["last_end"] - span["marked_last_start"]) / 1e3),
                     "marks": [None if m is None else (m - span["first_release"]) / 1e3 for m in span.get("last_marks", [])]})
     return out
 
