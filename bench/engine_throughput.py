@@ -121,11 +121,10 @@ VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"deco
             ("combine kernel", {"merge_in_kernel": False}), ("late epilogue", {"early_epilogue": False}),
             ("rounds pipelined", {"pipeline_rounds": True}), ("weights evict normal", {"evict_first": False}), ("late table", {"early_table": False}),
             ("session 9 path", {"early_table": False, "evict_first": False}),
-            ("attention fma", {"decode_tile": (64, False)}), ("attention fma 32", {"decode_tile": (32, False)}),
-            ("attention dot 32", {"decode_tile": (32, True)}), ("attention late trigger", {"attention_late_trigger": True}),
-            ("late trigger dot 32", {"attention_late_trigger": True, "decode_tile": (32, True)}))
+            ("attention tile 32", {"decode_tile": (32, 4)}), ("attention 2 warps 32", {"decode_tile": (32, 2)}),
+            ("attention 2 warps 16", {"decode_tile": (16, 2)}), ("attention 1 warp 16", {"decode_tile": (16, 1)}))
 KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_epilogue": True, "evict_first": True,
-                   "early_table": True, "decode_tile": (64, True), "attention_late_trigger": False}  # the engine's defaults
+                   "early_table": True, "decode_tile": (64, 4)}  # the engine's defaults
 
 
 def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None, joint: bool = False,

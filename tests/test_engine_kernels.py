@@ -75,9 +75,9 @@ def check_decode() -> None:
 
 
 def check_decode_tiles() -> None:
-    """Every decode K/V tile (``set_decode_tile``: context rows per tile, tensor-core or register
-    products) computes the reference attention, with and without fused RoPE, split or not; a tile
-    size outside the kernel's set is refused by name."""
+    """Every decode K/V tile (``set_decode_tile``: context rows per tile, warps per program) computes
+    the reference attention, with and without fused RoPE, split or not; a tile outside the kernel's
+    set is refused by name."""
     import torch
 
     from engine.attention import paged_attention_torch, store_kv_torch
@@ -98,10 +98,10 @@ def check_decode_tiles() -> None:
     store_kv_torch(rk, qkv[:, 128:].reshape(4, 2, 16), ref_k, ref_v, slots)
     roped_expected = paged_attention_torch(rq, ref_k, ref_v, ctx, scale=0.25)
     try:
-        for block_n, dot in ((64, False), (32, False), (32, True), (16, False)):
-            kernels.set_decode_tile(block_n, dot)
+        for block_n, warps in ((32, 4), (32, 2), (16, 1)):
+            kernels.set_decode_tile(block_n, warps)
             for splits in (None, 1, 4):
-                case = f"block_n {block_n} dot {dot} splits {splits}"
+                case = f"block_n {block_n} warps {warps} splits {splits}"
                 got = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, 0.25, splits)
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{case}: {m}")
                 got_k, got_v = k_cache.clone(), v_cache.clone()

@@ -90,29 +90,17 @@ def _kv_rows(k_cache_ptr, v_cache_ptr, block, offs_n, mask_n, kv_head, NUM_KV_HE
 
 
 @triton.jit
-def _attend_tile(q, k, v, visible, m, l, acc, scale_log2, PRECISION: tl.constexpr, DOT: tl.constexpr = True):
+def _attend_tile(q, k, v, visible, m, l, acc, scale_log2, PRECISION: tl.constexpr):
     """One K/V tile into the online-softmax state (running max ``m``, sum ``l``, output ``acc``) of
-    the query rows ``q``; ``visible`` masks the scores (a row that sees nothing yet keeps m = -inf).
-
-    ``DOT``: the two products on the tensor cores (``tl.dot``: at least 16 query rows, so a decode
-    GQA group is padded to 16 and the operands staged through shared memory); otherwise as
-    elementwise products reduced in registers, for the few rows of one decode group. Both multiply
-    the same rounded operands (p rounded to the cache dtype) and accumulate in fp32."""
-    if DOT:
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    else:
-        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale_log2
+    the query rows ``q``; ``visible`` masks the scores (a row that sees nothing yet keeps m = -inf)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m - m_ref)
     l = l * alpha + tl.sum(p, 1)
-    if DOT:
-        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    else:
-        pv = tl.sum(p.to(v.dtype).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-    acc = acc * alpha[:, None] + pv
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l, acc
 
 
@@ -167,8 +155,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr,
                    QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr, EARLY_KV: tl.constexpr, CACHE: tl.constexpr,
-                   stamp_ptr, STAMPS: tl.constexpr, EARLY_TABLE: tl.constexpr, DOT: tl.constexpr,
-                   LATE_TRIGGER: tl.constexpr):
+                   stamp_ptr, STAMPS: tl.constexpr, EARLY_TABLE: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
     ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
@@ -191,7 +178,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
     HALF: tl.constexpr = HEAD_DIM // 2
     started = timeline.now(STAMPS)
     program = (tl.program_id(0) * NUM_KV_HEADS + tl.program_id(1)) * NUM_SPLITS + tl.program_id(2)
-    if USE_PDL and not LATE_TRIGGER:
+    if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     if FUSED_ROPE and QK_NORM:  # weights: safe to read before gdc_wait
         offs_h = tl.arange(0, HALF)
@@ -269,7 +256,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         while start < end:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
-            m, l, acc = _attend_tile(q, k, v, mask_n[None, :], m, l, acc, scale_log2, PRECISION, DOT)
+            m, l, acc = _attend_tile(q, k, v, mask_n[None, :], m, l, acc, scale_log2, PRECISION)
             start += BLOCK_N
             k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
                                               NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CACHE)  # none past the end
@@ -284,8 +271,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                 acc = acc * alpha[:, None] + p.to(dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
                 m = m_new
         timeline.mark(stamp_ptr, program, 1, STAMPS)  # the split attended
-        if USE_PDL and LATE_TRIGGER:  # the next kernel's weight requests queue behind this split's K/V, not before
-            tl.extra.cuda.gdc_launch_dependents()  # (the splits with nothing to do trigger by exiting)
         num_heads: tl.constexpr = NUM_KV_HEADS * GROUP
         if NUM_SPLITS == 1:
             out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # context 0 (graph padding) -> zeros
@@ -381,36 +366,17 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
 
 _merge_in_kernel = True
 _early_table = True
-_decode_tile = (64, True)  # (context rows per K/V tile, tensor-core products)
-_late_trigger = False
+_decode_tile = (64, 4)  # (context rows per K/V tile, warps per program)
 
 
-def set_attention_late_trigger(enabled: bool) -> None:
-    """Process-wide (PDL): let the next kernel (o_proj) launch when the decode splits have attended
-    (on) or as they start (off): launched early, its programs request their weights while the
-    attention's own K/V loads are still in flight (benchmarks A/B the two; the model runner
-    recaptures its graphs)."""
-    global _late_trigger
-    _late_trigger = bool(enabled)
-
-
-def set_decode_tile(block_n: int = 64, dot: bool = True) -> None:
+def set_decode_tile(block_n: int = 64, num_warps: int = 4) -> None:
     """Process-wide: the decode kernel's K/V tile (``block_n`` context rows; the split count follows,
-    ``decode_splits``) and whether its two products run on the tensor cores (``dot``: a GQA group
-    padded to 16 query rows) or as elementwise products reduced in registers (the group's own rows:
-    fewer registers, no shared-memory staging). Benchmarks A/B them; the model runner recaptures its
-    graphs."""
+    ``decode_splits``) and warps per program (fewer: fewer registers per program and cross-warp
+    barriers in the tile's products). Benchmarks A/B them; the model runner recaptures its graphs."""
     global _decode_tile
-    if block_n not in (16, 32, 64, 128):
-        raise ValueError(f"decode tile: block_n {block_n} is not one of 16, 32, 64, 128")
-    _decode_tile = (block_n, bool(dot))
-
-
-def set_early_table(enabled: bool) -> None:
-    """Process-wide: request a split's first block ids with the context length (on) or after it (the
-    path before session 10; benchmarks A/B the two; the model runner recaptures its graphs)."""
-    global _early_table
-    _early_table = bool(enabled)
+    if block_n not in (16, 32, 64, 128) or num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"decode tile: block_n {block_n} / num_warps {num_warps} not in (16, 32, 64, 128) / (1, 2, 4, 8)")
+    _decode_tile = (block_n, num_warps)
 
 
 _split_counters: dict[torch.device, torch.Tensor] = {}
@@ -444,7 +410,7 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     num_seqs = q.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     group = num_heads // num_kv_heads
-    block_n, dot = _decode_tile
+    block_n, num_warps = _decode_tile
     if num_splits is None:
         num_splits = decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n)
     merge = (_merge_in_kernel if merge_in_kernel is None else merge_in_kernel) and num_splits > 1
@@ -467,11 +433,11 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partials, counters, block_tables, context_lens, scale * _LOG2E, block_tables.stride(0),
         q.stride(0), positions, cos, sin, q_norm if qk_norm else out, k_norm if qk_norm else out, slots, cos_stride, eps,
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, group_p2) if dot else group_p2, GROUP_P2=group_p2, HEAD_DIM=head_dim,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, group_p2), GROUP_P2=group_p2, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLIT_TILE=split_tile, PRECISION=_precision(q),
         USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge, EARLY_KV=early_kv,
         CACHE=".cg" if early_kv else "", stamp_ptr=stamps, STAMPS=recording,
-        EARLY_TABLE=_early_table, DOT=dot, LATE_TRIGGER=_late_trigger,
+        EARLY_TABLE=_early_table, num_warps=num_warps,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )
