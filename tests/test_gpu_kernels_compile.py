@@ -169,3 +169,19 @@ def test_bench_stream_prototypes_compile():
     descs = {f"d{i}": f"tensordesc<bf16[{bn}, 256],{tile_layout()!r}>" for i, bn in enumerate(bns)}
     ptx = compile_for_hopper(build_ws(), descs | dict(part_ptr=F32, count_ptr=I32), const, num_warps=4)
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx and "setmaxnreg" in ptx
+
+
+def test_every_switch_the_model_runner_sets_exists():
+    """``ModelRunner.set_kernels`` (CUDA only, so no CPU test calls it) imports one process-wide setter
+    per switch at call time: each must exist, or the GPU bench loses a call to an ImportError."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "engine" / "model_runner.py").read_text()
+    imports = [(node.module, alias.name) for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)
+               and node.module and node.module.startswith("engine.kernels") for alias in node.names]
+    setters = [(module, name) for module, name in imports if name.startswith("set_")]
+    assert len(setters) >= 6, setters
+    for module, name in setters:
+        assert callable(getattr(importlib.import_module(module), name, None)), f"{module}.{name} is gone"

@@ -369,6 +369,13 @@ _early_table = True
 _decode_tile = (64, 4)  # (context rows per K/V tile, warps per program)
 
 
+def set_early_table(enabled: bool) -> None:
+    """Process-wide: request a split's first block ids with the context length (on) or after it (the
+    path before session 10; benchmarks A/B the two; the model runner recaptures its graphs)."""
+    global _early_table
+    _early_table = bool(enabled)
+
+
 def set_decode_tile(block_n: int = 64, num_warps: int = 4) -> None:
     """Process-wide: the decode kernel's K/V tile (``block_n`` context rows; the split count follows,
     ``decode_splits``) and warps per program (fewer: fewer registers per program and cross-warp
