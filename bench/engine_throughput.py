@@ -318,7 +318,7 @@ def stage_timeline(engine, context: int = 256, label: str = "default") -> dict:
     minus its predecessor's), its release after the predecessor's end (the PDL boundary), the work
     left once released, and how long its programs were resident before the predecessor ended; and the
     kernels' marked points after release (GEMV: product reduced; attention: q roped / split attended /
-    partial counted); ``label`` names the settings in the table's title."""
+    partial counted / first K/V tile arrived); ``label`` names the settings in the table's title."""
     import torch
 
     from engine.kernels import timeline

@@ -130,7 +130,7 @@ def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge, s
     # EARLY_KV: the cached K/V (through L2: .cg) is requested before waiting for the qkv GEMV
     assert _before_wait(ptx, "ld.global.cg") == early_kv
     assert ("atom.global.gpu.acq_rel.add" in ptx) == merge  # the split that arrives last merges
-    assert ptx.count("%globaltimer") == (6 if stamps else 0)  # and three marks: roped, attended, arrived
+    assert ptx.count("%globaltimer") == (7 if stamps else 0)  # and four marks: roped, attended, arrived, K/V in
 
 
 def test_prefill_and_combine_kernels_compile():

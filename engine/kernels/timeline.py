@@ -155,3 +155,13 @@ def mark(stamp_ptr, program, index: tl.constexpr, STAMPS: tl.constexpr):
     if STAMPS:
         tl.debug_barrier()
         tl.store(stamp_ptr + program * 8 + 4 + index, tl.extra.cuda.globaltimer())
+
+
+@triton.jit
+def mark_arrival(stamp_ptr, program, index: tl.constexpr, probe, STAMPS: tl.constexpr):
+    """Point ``index`` once ``probe`` exists: a value reduced from loaded data (e.g. ``tl.sum`` of a tile),
+    so the time says when that data arrived (the reduction's CTA barrier cannot pass before it has)."""
+    if STAMPS:
+        row = stamp_ptr + program * 8 + 4 + index
+        tl.store(row, tl.where(probe == probe, 0, 1).to(tl.int64))  # keeps the reduction; overwritten below
+        mark(stamp_ptr, program, index, STAMPS)
