@@ -236,9 +236,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
         v_new = tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + offs_d)
     else:
         q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_g[:, None], other=0.0)
-    if STAMPS:  # when the split's first K/V tile has arrived (the new token's q requested before)
-        timeline.mark_arrival(stamp_ptr, program, 3, tl.sum(k.to(tl.float32)) + tl.sum(v.to(tl.float32)), STAMPS)
     if split < live:  # the grid is sized for max_model_len: splits past the context have nothing to do
+        if STAMPS:  # when the split's first K/V tile has arrived (the new token's q requested before)
+            timeline.mark_arrival(stamp_ptr, program, 3, tl.sum(k.to(tl.float32)) + tl.sum(v.to(tl.float32)), STAMPS)
         if FUSED_ROPE:
             if QK_NORM:  # order-independent sums: the keys equal rope_store_kv's bit for bit
                 q_inv = head_inv_rms(q_lo, q_hi, eps, HEAD_DIM, 1)
