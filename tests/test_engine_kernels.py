@@ -98,10 +98,10 @@ def check_decode_tiles() -> None:
     store_kv_torch(rk, qkv[:, 128:].reshape(4, 2, 16), ref_k, ref_v, slots)
     roped_expected = paged_attention_torch(rq, ref_k, ref_v, ctx, scale=0.25)
     try:
-        for block_n, warps in ((32, 4), (32, 2), (16, 1)):
-            kernels.set_decode_tile(block_n, warps)
-            for splits in (None, 1, 4):
-                case = f"block_n {block_n} warps {warps} splits {splits}"
+        for tile in ({"block_n": 32}, {"block_n": 16, "num_warps": 1}, {"merge_tile": 2}, {"single_tile": False}):
+            kernels.set_decode_tile(**tile)
+            for splits in (None, 1, 4, 8):
+                case = f"{tile} splits {splits}"
                 got = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, 0.25, splits)
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{case}: {m}")
                 got_k, got_v = k_cache.clone(), v_cache.clone()
@@ -110,7 +110,7 @@ def check_decode_tiles() -> None:
                 torch.testing.assert_close(roped, roped_expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{case}: {m}")
                 torch.testing.assert_close(got_k, ref_k, rtol=1e-6, atol=1e-6, msg=lambda m: f"{case}: {m}")
         try:
-            kernels.set_decode_tile(48)
+            kernels.set_decode_tile(block_n=48)
             raise AssertionError("block_n 48 accepted")
         except ValueError as e:
             assert "block_n 48" in str(e)

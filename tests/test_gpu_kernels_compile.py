@@ -125,7 +125,7 @@ def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge, s
     ptx = compile_for_hopper(_decode_kernel, args, dict(
         NUM_KV_HEADS=8, GROUP=2, GROUP_PAD=16, GROUP_P2=2, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=tile[0], NUM_SPLITS=16,
         SPLIT_TILE=16, PRECISION="tf32", USE_PDL=True, FUSED_ROPE=True, QK_NORM=True, MERGE_IN_KERNEL=merge,
-        EARLY_KV=early_kv, CACHE=".cg" if early_kv else "", STAMPS=stamps, EARLY_TABLE=early_kv),
+        EARLY_KV=early_kv, CACHE=".cg" if early_kv else "", STAMPS=stamps, EARLY_TABLE=early_kv, SINGLE_TILE=early_kv),
         enable_fp_fusion=False, num_warps=tile[1])
     # EARLY_KV: the cached K/V (through L2: .cg) is requested before waiting for the qkv GEMV
     assert _before_wait(ptx, "ld.global.cg") == early_kv
