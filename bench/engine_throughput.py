@@ -120,12 +120,9 @@ def run_engine(model_dir: str, prompts, out_lens, args) -> dict:
 VARIANTS = (("default", {}), ("8 steps", {"decode_steps": 8}), ("1 step", {"decode_steps": 1}), ("no PDL", {"pdl": False}), ("cublas", {"gemv": False}),
             ("combine kernel", {"merge_in_kernel": False}), ("late epilogue", {"early_epilogue": False}),
             ("rounds pipelined", {"pipeline_rounds": True}), ("weights evict normal", {"evict_first": False}), ("late table", {"early_table": False}),
-            ("session 9 path", {"early_table": False, "evict_first": False}),
-            ("attention tile 32", {"decode_tile": {"block_n": 32}}), ("attention 2 warps 32", {"decode_tile": {"block_n": 32, "num_warps": 2}}),
-            ("attention tile loop", {"decode_tile": {"single_tile": False}}), ("merge tile 4", {"decode_tile": {"merge_tile": 4}}),
-            ("merge tile 4 tile loop", {"decode_tile": {"merge_tile": 4, "single_tile": False}}))
+            ("session 9 path", {"early_table": False, "evict_first": False}))
 KERNEL_SWITCHES = {"gemv": True, "pdl": True, "merge_in_kernel": True, "early_epilogue": True, "evict_first": True,
-                   "early_table": True, "decode_tile": {}}  # the engine's defaults
+                   "early_table": True}  # the engine's defaults
 
 
 def decode_roofline(llm, steps: int = 200, variants: set[str] | None = None, joint: bool = False,

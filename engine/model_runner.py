@@ -84,12 +84,11 @@ class ModelRunner:
 
     def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None,
                     early_epilogue: bool | None = None, evict_first: bool | None = None,
-                    early_table: bool | None = None, decode_tile: dict | None = None) -> None:
+                    early_table: bool | None = None) -> None:
         """Switch the Triton GEMV, PDL, the decode attention's in-kernel split merge, the GEMV's early
         epilogue loads, the GEMV's evict-first weight loads and/or the decode attention's early block-id
-        loads on or off, or set the decode attention's tiling (``set_decode_tile``'s keywords)
-        (benchmarks A/B them in one process); recaptures the graphs, which keep the kernels and launch
-        attributes they were captured with."""
+        loads on or off (benchmarks A/B them in one process); recaptures the graphs,
+        which keep the kernels and launch attributes they were captured with."""
         if self.device.type != "cuda":
             raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
         if pdl is not None:
@@ -112,10 +111,6 @@ class ModelRunner:
             from engine.kernels.gemv import set_evict_first
 
             set_evict_first(evict_first)
-        if decode_tile is not None:
-            from engine.kernels.paged_attention import set_decode_tile
-
-            set_decode_tile(**decode_tile)
         if gemv and not self._gemv_plans:
             self._plan_gemv()
         if gemv is not None:

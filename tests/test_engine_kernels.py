@@ -74,51 +74,6 @@ def check_decode() -> None:
     assert not counters.any(), "every launch leaves its arrival counters at zero"
 
 
-def check_decode_tiles() -> None:
-    """Every decode K/V tile (``set_decode_tile``: context rows per tile, warps per program) computes
-    the reference attention, with and without fused RoPE, split or not; a tile outside the kernel's
-    set is refused by name."""
-    import torch
-
-    from engine.attention import paged_attention_torch, store_kv_torch
-    from engine.kernels import paged_attention as kernels
-    from engine.layers import RotaryEmbedding, apply_rope
-
-    q, k_cache, v_cache, ctx = paged_setup([1, 1, 1, 1], [1, 7, 33, 70], heads=6, kv_heads=2)  # a group of 3 (padded)
-    expected = paged_attention_torch(q, k_cache, v_cache, ctx, scale=0.25)
-    lens = [1, 7, 33, 70]
-    g = torch.Generator().manual_seed(5)
-    rope = RotaryEmbedding(16, 512, 10_000.0, None)
-    qkv = torch.randn(4, (6 + 2 * 2) * 16, generator=g)
-    positions = torch.tensor([n - 1 for n in lens])
-    slots = torch.tensor([int(ctx.block_tables[i, (n - 1) // 4]) * 4 + (n - 1) % 4 for i, n in enumerate(lens)])
-    rq, rk = apply_rope(positions, qkv[:, :96].reshape(4, 6, 16), qkv[:, 96:128].reshape(4, 2, 16), rope.cos, rope.sin,
-                        None, None, 1e-6)
-    ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    store_kv_torch(rk, qkv[:, 128:].reshape(4, 2, 16), ref_k, ref_v, slots)
-    roped_expected = paged_attention_torch(rq, ref_k, ref_v, ctx, scale=0.25)
-    try:
-        for tile in ({"block_n": 32}, {"block_n": 16, "num_warps": 1}, {"merge_tile": 2}, {"single_tile": False}):
-            kernels.set_decode_tile(**tile)
-            for splits in (None, 1, 4, 8):
-                case = f"{tile} splits {splits}"
-                got = kernels.decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, 0.25, splits)
-                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{case}: {m}")
-                got_k, got_v = k_cache.clone(), v_cache.clone()
-                roped = kernels.rope_decode_attention(qkv, positions, rope.cos, rope.sin, None, None, 1e-6, got_k, got_v, slots,
-                                                      ctx.block_tables, ctx.context_lens, 0.25, 6, splits)
-                torch.testing.assert_close(roped, roped_expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{case}: {m}")
-                torch.testing.assert_close(got_k, ref_k, rtol=1e-6, atol=1e-6, msg=lambda m: f"{case}: {m}")
-        try:
-            kernels.set_decode_tile(block_n=48)
-            raise AssertionError("block_n 48 accepted")
-        except ValueError as e:
-            assert "block_n 48" in str(e)
-    finally:
-        kernels.set_decode_tile()
-    assert not kernels.split_counters(q.device, 1).any(), "every launch leaves its arrival counters at zero"
-
-
 def check_prefill() -> None:
     import torch
 
@@ -444,7 +399,7 @@ def check_advance() -> None:
     assert slots.tolist() == [11 * 4 + 0, 21 * 4 + 2, -1, -1, 32 * 4 + 3]
 
 
-CHECKS = {"argmax": check_argmax, "advance": check_advance, "decode": check_decode, "decode_tiles": check_decode_tiles, "prefill": check_prefill, "store": check_store, "rope_kv": check_rope_kv, "rope_decode": check_rope_decode, "engine": check_engine,
+CHECKS = {"argmax": check_argmax, "advance": check_advance, "decode": check_decode, "prefill": check_prefill, "store": check_store, "rope_kv": check_rope_kv, "rope_decode": check_rope_decode, "engine": check_engine,
           "engine_gemv": check_engine_gemv, "gemv": check_gemv, "gemv_bf16": check_gemv_bf16, "gemv_rejects_bad_input": check_gemv_rejects_bad_input}
 
 

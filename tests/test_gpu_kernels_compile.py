@@ -110,10 +110,9 @@ def test_gemv_epilogue_residual_is_requested_before_the_reduction(prologue, bloc
     assert loads_before_barrier(True) == loads_before_barrier(False) + 1
 
 
-@pytest.mark.parametrize("early_kv, merge, stamps, tile", [(True, True, False, (64, 4)), (False, True, False, (64, 4)),
-                                                           (True, False, False, (64, 4)), (True, True, True, (64, 4)),
-                                                           (True, True, False, (16, 1))])  # set_decode_tile's smallest
-def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge, stamps, tile):
+@pytest.mark.parametrize("early_kv, merge, stamps", [(True, True, False), (False, True, False), (True, False, False),
+                                                     (True, True, True)])
+def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge, stamps):
     from engine.kernels.paged_attention import _decode_kernel
 
     # the graphs' lengths and tables are int64 (one int64 input buffer), eager steps' int32: both
@@ -123,10 +122,10 @@ def test_decode_attention_kernel_compiles_with_early_kv_loads(early_kv, merge, s
                 cos_ptr=F32, sin_ptr=F32, q_norm_ptr=BF16, k_norm_ptr=BF16, slot_ptr=torch.empty(1, dtype=torch.int64),
                 cos_stride=128, eps=1e-6, stamp_ptr=I64)
     ptx = compile_for_hopper(_decode_kernel, args, dict(
-        NUM_KV_HEADS=8, GROUP=2, GROUP_PAD=16, GROUP_P2=2, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=tile[0], NUM_SPLITS=16,
+        NUM_KV_HEADS=8, GROUP=2, GROUP_PAD=16, GROUP_P2=2, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, NUM_SPLITS=16,
         SPLIT_TILE=16, PRECISION="tf32", USE_PDL=True, FUSED_ROPE=True, QK_NORM=True, MERGE_IN_KERNEL=merge,
-        EARLY_KV=early_kv, CACHE=".cg" if early_kv else "", STAMPS=stamps, EARLY_TABLE=early_kv, SINGLE_TILE=early_kv),
-        enable_fp_fusion=False, num_warps=tile[1])
+        EARLY_KV=early_kv, CACHE=".cg" if early_kv else "", STAMPS=stamps, EARLY_TABLE=early_kv),
+        enable_fp_fusion=False)
     # EARLY_KV: the cached K/V (through L2: .cg) is requested before waiting for the qkv GEMV
     assert _before_wait(ptx, "ld.global.cg") == early_kv
     assert ("atom.global.gpu.acq_rel.add" in ptx) == merge  # the split that arrives last merges

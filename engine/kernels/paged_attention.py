@@ -155,7 +155,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    SPLIT_TILE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FUSED_ROPE: tl.constexpr,
                    QK_NORM: tl.constexpr, MERGE_IN_KERNEL: tl.constexpr, EARLY_KV: tl.constexpr, CACHE: tl.constexpr,
-                   stamp_ptr, STAMPS: tl.constexpr, EARLY_TABLE: tl.constexpr, SINGLE_TILE: tl.constexpr):
+                   stamp_ptr, STAMPS: tl.constexpr, EARLY_TABLE: tl.constexpr):
     """One program per (sequence, K/V head, split of the context). With NUM_SPLITS == 1 it writes the
     output; otherwise it writes its unnormalized partial (acc, max, sum), and then either
     ``_combine_kernel`` merges them (a second launch) or, MERGE_IN_KERNEL, the split that finishes
@@ -257,15 +257,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, count_ptr
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        if SINGLE_TILE and chunk == BLOCK_N:  # one tile per split (batch 1 up to NUM_SPLITS tiles): no loop, no next-tile addresses
-            if start < end:  # on the critical path, computing the (masked) next tile's 2 x BLOCK_N x HEAD_DIM
-                m, l, acc = _attend_tile(q, k, v, mask_n[None, :], m, l, acc, scale_log2, PRECISION)  # addresses cost
-        else:
-            while start < end:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
-                m, l, acc = _attend_tile(q, k, v, mask_n[None, :], m, l, acc, scale_log2, PRECISION)
-                start += BLOCK_N
-                k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start,
-                                                  end, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CACHE)  # none past the end
+        while start < end:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
+            m, l, acc = _attend_tile(q, k, v, mask_n[None, :], m, l, acc, scale_log2, PRECISION)
+            start += BLOCK_N
+            k, v, offs_n, mask_n = _gather_kv(k_cache_ptr, v_cache_ptr, tables_ptr, seq, table_stride, kv_head, start, end,
+                                              NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CACHE)  # none past the end
         if FUSED_ROPE:
             if (cached_len >= split * chunk) & (cached_len < split_end):  # this split holds the new token
                 s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
@@ -317,11 +313,10 @@ def _combine_kernel(part_ptr, out_ptr, lens_ptr, NUM_KV_HEADS: tl.constexpr, GRO
                   out_ptr + (seq * num_heads + first_head) * HEAD_DIM, live, GROUP, GROUP_P2, NUM_SPLITS, SPLIT_TILE, HEAD_DIM)
 
 
-def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int | None = None) -> int:
+def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int = 64) -> int:
     """Context splits per (sequence, K/V head): enough programs to fill the GPU's SMs when the batch
     is small (batch 1 has only ``num_kv_heads`` programs otherwise), never more than the longest
     context has tiles, and 1 (no combine pass) once the batch alone fills the machine."""
-    block_n = block_n or _decode_tile[0]
     programs = num_seqs * num_kv_heads
     if programs >= 128:
         return 1
@@ -372,7 +367,6 @@ def rope_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
 
 _merge_in_kernel = True
 _early_table = True
-_decode_tile = (64, 4, None, True)  # K/V tile rows, warps per program, splits per merge pass (None: auto), one-tile path
 
 
 def set_early_table(enabled: bool) -> None:
@@ -380,19 +374,6 @@ def set_early_table(enabled: bool) -> None:
     path before session 10; benchmarks A/B the two; the model runner recaptures its graphs)."""
     global _early_table
     _early_table = bool(enabled)
-
-
-def set_decode_tile(block_n: int = 64, num_warps: int = 4, merge_tile: int | None = None, single_tile: bool = True) -> None:
-    """Process-wide: the decode kernel's K/V tile (``block_n`` context rows; the split count follows,
-    ``decode_splits``), warps per program, the splits the merge reads per pass (``merge_tile``; None:
-    ~32 partial rows per pass) and whether a split of one tile skips the tile loop (``single_tile``:
-    the loop computes the next tile's addresses after each tile, on the critical path). Benchmarks
-    A/B them; the model runner recaptures its graphs."""
-    global _decode_tile
-    if block_n not in (16, 32, 64, 128) or num_warps not in (1, 2, 4, 8) or merge_tile not in (None, 2, 4, 8, 16, 32):
-        raise ValueError(f"decode tile: block_n {block_n} / num_warps {num_warps} / merge_tile {merge_tile} not in "
-                         "(16, 32, 64, 128) / (1, 2, 4, 8) / (None, 2, 4, 8, 16, 32)")
-    _decode_tile = (block_n, num_warps, merge_tile, bool(single_tile))
 
 
 _split_counters: dict[torch.device, torch.Tensor] = {}
@@ -426,12 +407,12 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
     num_seqs = q.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     group = num_heads // num_kv_heads
-    block_n, num_warps, merge_tile, single_tile = _decode_tile
+    block_n = 64
     if num_splits is None:
         num_splits = decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, block_n)
     merge = (_merge_in_kernel if merge_in_kernel is None else merge_in_kernel) and num_splits > 1
     group_p2 = triton.next_power_of_2(group)
-    split_tile = merge_tile or max(2, min(num_splits, 32 // group_p2))  # splits merged per pass: ~32 partial rows
+    split_tile = max(2, min(num_splits, 32 // group_p2))  # splits merged per pass: ~32 partial rows per tile
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
     partials = (torch.empty(num_seqs, num_heads, num_splits, head_dim + 2, dtype=torch.float32, device=q.device)
                 if num_splits > 1 else out)
@@ -453,7 +434,7 @@ def _decode(q: torch.Tensor, rope: tuple | None, k_cache: torch.Tensor, v_cache:
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLIT_TILE=split_tile, PRECISION=_precision(q),
         USE_PDL=pdl, FUSED_ROPE=rope is not None, QK_NORM=qk_norm, MERGE_IN_KERNEL=merge, EARLY_KV=early_kv,
         CACHE=".cg" if early_kv else "", stamp_ptr=stamps, STAMPS=recording,
-        EARLY_TABLE=_early_table, SINGLE_TILE=single_tile, num_warps=num_warps,
+        EARLY_TABLE=_early_table,
         enable_fp_fusion=rope is None,  # RoPE rounds each product as torch does: no FMA contraction
         launch_pdl=pdl,
     )
