@@ -17,6 +17,8 @@ group was timed against cuBLAS at start-up (engine/kernels/gemv_tuning.py).
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from engine.config import EngineConfig
@@ -26,6 +28,13 @@ from engine.loader import load_checkpoint, merge_lora_adapter
 from engine.lora import LoRAManager
 from engine.model import CausalLM, ModelArgs
 from engine.scheduler import Batch
+
+# ModelRunner.set_kernels' process-wide switches: keyword -> (module, setter taking a bool)
+KERNEL_SETTERS = {"pdl": ("engine.kernels", "set_pdl"),
+                  "merge_in_kernel": ("engine.kernels.paged_attention", "set_merge_in_kernel"),
+                  "early_table": ("engine.kernels.paged_attention", "set_early_table"),
+                  "early_epilogue": ("engine.kernels.gemv", "set_early_epilogue"),
+                  "evict_first": ("engine.kernels.gemv", "set_evict_first")}
 
 
 class ModelRunner:
@@ -82,35 +91,21 @@ class ModelRunner:
         self.gemv_tuning = plan(self.model.projections(), self.device)
         self._gemv_plans = {p.linear: p.linear.gemv for p in self.model.projections()}
 
-    def set_kernels(self, gemv: bool | None = None, pdl: bool | None = None, merge_in_kernel: bool | None = None,
-                    early_epilogue: bool | None = None, evict_first: bool | None = None,
-                    early_table: bool | None = None) -> None:
-        """Switch the Triton GEMV, PDL, the decode attention's in-kernel split merge, the GEMV's early
-        epilogue loads, the GEMV's evict-first weight loads and/or the decode attention's early block-id
-        loads on or off (benchmarks A/B them in one process); recaptures the graphs,
-        which keep the kernels and launch attributes they were captured with."""
+    def set_kernels(self, gemv: bool | None = None, **switches: bool | None) -> None:
+        """Switch the Triton GEMV and/or the process-wide kernel switches of ``KERNEL_SETTERS`` (PDL, the
+        decode attention's in-kernel split merge and early block-id loads, the GEMV's early epilogue and
+        evict-first weight loads) on or off, None leaving one as it is (benchmarks A/B them in one
+        process); recaptures the graphs, which keep the kernels and launch attributes they were captured with."""
         if self.device.type != "cuda":
             raise RuntimeError("the Triton GEMV, PDL and the split merge run on CUDA only")
-        if pdl is not None:
-            from engine.kernels import set_pdl
-
-            set_pdl(pdl)
-        if merge_in_kernel is not None:
-            from engine.kernels.paged_attention import set_merge_in_kernel
-
-            set_merge_in_kernel(merge_in_kernel)
-        if early_epilogue is not None:
-            from engine.kernels.gemv import set_early_epilogue
-
-            set_early_epilogue(early_epilogue)
-        if early_table is not None:
-            from engine.kernels.paged_attention import set_early_table
-
-            set_early_table(early_table)
-        if evict_first is not None:
-            from engine.kernels.gemv import set_evict_first
-
-            set_evict_first(evict_first)
+        unknown = switches.keys() - KERNEL_SETTERS.keys()
+        if unknown:
+            raise TypeError(f"set_kernels: unknown switch {', '.join(sorted(unknown))}; known: gemv, "
+                            + ", ".join(KERNEL_SETTERS))
+        for name, enabled in switches.items():
+            if enabled is not None:
+                module, setter = KERNEL_SETTERS[name]
+                getattr(importlib.import_module(module), setter)(enabled)  # imported here: Triton is CUDA-only
         if gemv and not self._gemv_plans:
             self._plan_gemv()
         if gemv is not None:
