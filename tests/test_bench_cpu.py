@@ -261,3 +261,14 @@ def test_rendered_tables_keep_the_other_results(tmp_path):
     text = charts.merge_tables(tables, {"a": "### a\n\nsecond a\n"})
     assert "second a" in text and "first a" not in text and "first b" in text
     assert text.index("### a") < text.index("### b")  # the sections keep their order
+
+
+def test_bs1_variants_only_name_switches_the_model_runner_knows():
+    """The bs1 variants reach ``ModelRunner.set_kernels`` on a GPU only: a misspelt switch would cost a GPU call."""
+    from bench.engine_throughput import KERNEL_SWITCHES, VARIANTS
+    from engine.model_runner import KERNEL_SETTERS
+
+    known = {"gemv", *KERNEL_SETTERS}
+    assert set(KERNEL_SWITCHES) == known
+    engine_config = {"decode_steps", "pipeline_rounds"}
+    assert all(set(changes) <= known | engine_config for _, changes in VARIANTS)
